@@ -86,7 +86,10 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides
         c["intermediate_size"],
     )
 
-    def w(*shape, fan_in=None):  # scaled so activations stay O(1) and the logits are peaked
+    # Scales chosen so that greedy text does not collapse into repeating one token (the residual
+    # stream must not be dominated by the tied input embedding) and top-2 logit margins stay
+    # far above float32 rounding.
+    def w(*shape, fan_in=None):
         std = 1.0 / (fan_in or shape[-1]) ** 0.5
         return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
 
@@ -94,7 +97,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides
         return (1.0 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16)
 
     tensors = {
-        "model.embed_tokens.weight": w(vocab_size, h, fan_in=h / 16),
+        "model.embed_tokens.weight": w(vocab_size, h, fan_in=h / 4),
         "model.norm.weight": norm(h),
     }
     for i in range(c["num_hidden_layers"]):
@@ -106,12 +109,12 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides
                 p + "self_attn.q_proj.weight": w(nh * d, h),
                 p + "self_attn.k_proj.weight": w(nkv * d, h),
                 p + "self_attn.v_proj.weight": w(nkv * d, h),
-                p + "self_attn.o_proj.weight": w(h, nh * d),
+                p + "self_attn.o_proj.weight": w(h, nh * d, fan_in=nh * d / 9),
                 p + "self_attn.q_norm.weight": norm(d),
                 p + "self_attn.k_norm.weight": norm(d),
                 p + "mlp.gate_proj.weight": w(inter, h),
                 p + "mlp.up_proj.weight": w(inter, h),
-                p + "mlp.down_proj.weight": w(h, inter),
+                p + "mlp.down_proj.weight": w(h, inter, fan_in=inter / 9),
             }
         )
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -1,0 +1,1 @@
+"""Model definitions (generated from notebooks/06_qwen3.ipynb)."""
