@@ -178,6 +178,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + seq)
@@ -202,14 +203,14 @@ def _paged_decode_kernel(
         kv_off = block * stride_kb + kvh * stride_kh + rows[:, None] * stride_kt + offs_d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0  # an empty split (short context) contributes nothing
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -250,6 +251,11 @@ def _merge_splits_kernel(
         out.to(O.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    # float32 inputs would otherwise go through TF32 tensor cores (~1e-3 error): keep float32 exact.
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def decode_num_splits(batch: int, kv_heads: int) -> int:
@@ -298,6 +304,7 @@ def paged_decode_triton(
         BLOCK_SIZE=bs,
         BLOCK_N=block_n,
         NUM_SPLITS=splits,
+        PRECISION=dot_precision(q),
         num_warps=4,
         num_stages=2,
     )
@@ -340,6 +347,7 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     m_blk, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -367,7 +375,7 @@ def _paged_prefill_kernel(
         kv_off = block * stride_kb + kvh * stride_kh + rows[:, None] * stride_kt + offs_d[None, :]
         kv_mask = (n0 + offs_n < end)[:, None] & d_mask[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         allowed = (n0 + offs_n)[None, :] <= (prefix + offs_m)[:, None]
         s = tl.where(allowed & (n0 + offs_n < end)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -375,7 +383,7 @@ def _paged_prefill_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
@@ -424,6 +432,7 @@ def paged_prefill_triton(
         BLOCK_SIZE=bs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        PRECISION=dot_precision(q),
         num_warps=4,
         num_stages=2,
     )

@@ -311,6 +311,9 @@ class LLMEngine:
             conn.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
+            runner.release()
 
     def __enter__(self):
         return self

@@ -273,6 +273,16 @@ class ModelRunner:
         params = [s.sampling_params for s in seqs]
         return self.sampler(logits, params, gens).tolist()
 
+    def release(self) -> None:
+        """Free the KV cache, the graphs and the weights (the engine is closing)."""
+        for layer in self.model.model.layers:
+            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = torch.tensor([])
+        self.graphs.clear()
+        del self.kv_cache, self.model, self.buf
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # ---- CUDA graphs -------------------------------------------------------------------
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

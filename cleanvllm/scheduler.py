@@ -105,7 +105,7 @@ class Scheduler:
             sp, n = seq.sampling_params, seq.num_completion_tokens
             if n >= sp.max_tokens:
                 reason = "length"
-            elif n > sp.min_tokens - 1 and (
+            elif n > sp.min_tokens and (  # the first min_tokens tokens never stop a sequence
                 (not sp.ignore_eos and token in self.eos_token_ids) or token in sp.stop_token_ids
             ):
                 reason = "stop"

@@ -50,8 +50,9 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides
     added = json.loads((tok_dir / "tokenizer_config.json").read_text()).get(
         "added_tokens_decoder", {}
     )
-    vocab_size = max([vocab - 1, *map(int, added)]) + 1  # 151,669 for Qwen3
     c = {**TINY_CONFIG, **overrides}
+    # 151,669 for Qwen3's tokenizer; real checkpoints pad it (Qwen3-0.6B: 151,936)
+    vocab_size = c.pop("vocab_size", max([vocab - 1, *map(int, added)]) + 1)
     config = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",

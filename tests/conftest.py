@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Path of the tiny random Qwen3 checkpoint (tests never use CLEANVLLM_MODEL)."""
+    from cleanvllm.tiny import tiny_model_dir
+
+    return str(tiny_model_dir())
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert out.isfinite().all(), "output has NaN/inf"
+    return ((out - ref).norm() / ref.norm()).item()

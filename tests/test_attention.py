@@ -1,0 +1,139 @@
+"""All attention backends and the KV store kernel against a float64 reference (fresh random inputs)."""
+import random
+
+import pytest
+import torch
+
+from cleanvllm.attention import (paged_attention_torch, paged_decode_triton, paged_prefill_triton,
+                                 reference_paged_attention, store_kvcache, store_kvcache_torch)
+from conftest import DEVICES, rel_err
+
+# Triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set in conftest without a GPU).
+def triton_ok(device):
+    return device == "cuda" or not torch.cuda.is_available()
+
+# Triton under the CPU interpreter is slow: small shapes there, full shapes on the GPU.
+SHAPES = [  # (heads, kv_heads, head_dim, block_size)
+    (4, 4, 64, 16), (4, 2, 64, 16), (8, 1, 64, 16), (8, 4, 128, 16), (16, 2, 128, 256),
+]
+
+
+def make_case(q_lens, prefix_lens, heads, kv_heads, hd, bs, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    ctx = [q + p for q, p in zip(q_lens, prefix_lens)]
+    need = [-(-c // bs) for c in ctx]
+    nblocks = sum(need) + 2
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables, i = [], 0
+    for n in need:
+        tables.append(perm[i:i + n]); i += n
+    width = max(need)
+    kc = torch.randn(nblocks, bs, kv_heads, hd, generator=g).to(dtype)
+    vc = torch.randn(nblocks, bs, kv_heads, hd, generator=g).to(dtype)
+    q = torch.randn(sum(q_lens), heads, hd, generator=g).to(dtype)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables])
+    dev = dict(cu=torch.tensor(cu, device=device), ctx=torch.tensor(ctx, device=device), bt=bt.to(device),
+               q=q.to(device), kc=kc.to(device), vc=vc.to(device))
+    return q, kc, vc, cu, ctx, tables, dev
+
+
+def tol(dtype):
+    return {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+
+
+def dtypes(device):
+    return [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefill_backends(device, shape):
+    heads, kvh, hd, bs = shape
+    rng = random.Random(hash(shape))
+    for dtype in dtypes(device):
+        # fresh prompt, prefix-cached prompt (prefix a multiple of the block size), mid-prompt chunk
+        q_lens = [rng.randint(1, 40), rng.randint(1, 20), rng.randint(2, 30)]
+        prefix = [0, bs * rng.randint(1, 2), rng.randint(1, 50)]
+        q, kc, vc, cu, ctx, tables, d = make_case(q_lens, prefix, heads, kvh, hd, bs, dtype, device, rng.randint(0, 10**6))
+        ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, hd ** -0.5)
+        out = paged_attention_torch(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], hd ** -0.5)
+        assert rel_err(out, ref) < tol(dtype)
+        if not triton_ok(device):
+            continue
+        out = paged_prefill_triton(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], max(q_lens), hd ** -0.5)
+        assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_decode_backends(device, shape, splits):
+    heads, kvh, hd, bs = shape
+    rng = random.Random(hash((shape, splits)))
+    for dtype in dtypes(device):
+        ctx_lens = [1, rng.randint(2, 40), rng.randint(40, 300), bs]
+        q, kc, vc, cu, ctx, tables, d = make_case([1] * 4, [c - 1 for c in ctx_lens], heads, kvh, hd, bs,
+                                                  dtype, device, rng.randint(0, 10**6))
+        ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, hd ** -0.5)
+        out = paged_attention_torch(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], hd ** -0.5)
+        assert rel_err(out, ref) < tol(dtype)
+        if not triton_ok(device):
+            continue
+        out = paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], hd ** -0.5, num_splits=splits)
+        assert rel_err(out, ref) < tol(dtype)
+
+
+def test_torch_backend_without_cache_is_causal_attention():
+    """The warm-up path (no cache) equals plain causal attention per sequence."""
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 1, 9]
+    q, k, v = (torch.randn(15, h, 32, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 6, 15])
+    out = paged_attention_torch(q, k, v, cu, None, None, 0.2)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = k[s:e].repeat_interleave(2, 1), v[s:e].repeat_interleave(2, 1)
+        sc = torch.einsum("qhd,khd->hqk", q[s:e].double(), kk.double()) * 0.2
+        sc = sc.masked_fill(torch.ones(e - s, e - s).triu(1).bool(), float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv.double())
+        assert rel_err(out[s:e], ref) < 1e-6
+    assert len(lens) == 3
+
+
+def test_nan_in_unused_cache_rows_never_leaks():
+    """Stale NaNs beyond a sequence's context must not reach its output (all backends)."""
+    q, kc, vc, cu, ctx, tables, d = make_case([3, 1], [5, 7], 4, 2, 64, 16, torch.float32, "cpu", 3)
+    ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, 0.125)
+    for t, c in zip(tables, ctx):  # poison every row after the context in each sequence's last block
+        kc[t[-1], c % 16 or 16:] = float("nan")
+        vc[t[-1], c % 16 or 16:] = float("nan")
+    out = paged_attention_torch(q, kc, vc, torch.tensor(cu), torch.tensor(ctx), d["bt"], 0.125)
+    assert rel_err(out, ref) < 1e-5
+    if triton_ok("cpu"):
+        out = paged_prefill_triton(q, kc, vc, torch.tensor(cu), torch.tensor(ctx), d["bt"], 3, 0.125)
+        assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "cpu"])
+def test_store_kvcache_matches_reference(device):
+    g = torch.Generator().manual_seed(1)
+    for kvh, hd in [(2, 64), (3, 64), (8, 128)]:  # 3*64 = 192 is not a power of two
+        n = 9
+        k, v = torch.randn(n, kvh, hd, generator=g), torch.randn(n, kvh, hd, generator=g)
+        slots = torch.randperm(40, generator=g)[:n]
+        slots[[2, 5]] = -1
+        kc = torch.full((5, 8, kvh, hd), float("nan"))
+        vc = kc.clone()
+        kc2, vc2 = kc.clone().to(device), vc.clone().to(device)
+        store_kvcache(k.to(device), v.to(device), kc2, vc2, slots.to(device))
+        flat_k, flat_v = kc2.cpu().view(-1, kvh, hd), vc2.cpu().view(-1, kvh, hd)
+        for i, s in enumerate(slots.tolist()):  # independent check, token by token
+            if s >= 0:
+                assert torch.equal(flat_k[s], k[i]) and torch.equal(flat_v[s], v[i])
+        written = {s for s in slots.tolist() if s >= 0}
+        untouched = [i for i in range(40) if i not in written]
+        assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+        store_kvcache_torch(k, v, kc, vc, slots)
+        assert torch.equal(kc.nan_to_num(0), kc2.cpu().nan_to_num(0))
