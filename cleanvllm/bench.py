@@ -134,6 +134,7 @@ def run(
     peer_seqs: int = 32,
     enforce_eager: bool = False,
     out: str | None = None,
+    profile: bool = False,
     **engine_kwargs,
 ) -> dict:
     from cleanvllm.engine import LLM
@@ -198,6 +199,8 @@ def run(
     llm.generate([prompts[0][:16]], one, use_tqdm=False)
     sync()
     res["batch1_tokens_per_s"] = one.max_tokens / (time.perf_counter() - t)
+    if profile:
+        res["profile"] = profile_steps(llm, prompts, params)
     if peer_seqs and on_gpu:
         sub_p, sub_s = prompts[:peer_seqs], params[:peer_seqs]
         sync()
@@ -221,6 +224,45 @@ def run(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=2))
     return res
+
+
+def profile_steps(llm, prompts, params, kernel_steps: tuple[int, int] = (400, 405)) -> dict:
+    """Re-run the workload through the step API: time per step kind, plus a kernel table
+    (torch profiler) for a few full-batch decode steps. For deciding what to optimise."""
+    for p, sp in zip(prompts, params):
+        llm.add_request(p, sp)
+    stats = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # steps, seconds, tokens
+    kernels, step = None, 0
+    while not llm.is_finished():
+        prof = None
+        if step == kernel_steps[0] and torch.cuda.is_available():
+            prof = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    torch.profiler.ProfilerActivity.CUDA,
+                ]
+            )
+            prof.__enter__()
+        t = time.perf_counter()
+        _, is_prefill, n = llm.step()
+        dt = time.perf_counter() - t
+        st = stats[is_prefill]
+        st[0] += 1
+        st[1] += dt
+        st[2] += n
+        if prof is not None:
+            for _ in range(kernel_steps[1] - kernel_steps[0]):
+                llm.step()
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            kernels = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        step += 1
+    out = {
+        ("prefill" if k else "decode"): dict(steps=v[0], seconds=v[1], tokens=v[2])
+        for k, v in stats.items()
+    }
+    out["kernels"] = kernels
+    return out
 
 
 def table(res: dict) -> str:
@@ -279,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--out", default="bench_results.json")
+    ap.add_argument(
+        "--profile", action="store_true", help="time step kinds and list the top kernels"
+    )
     a = ap.parse_args(argv)
     res = run(
         a.model,
@@ -288,8 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
         a.peer_seqs,
         a.enforce_eager,
         a.out,
+        a.profile,
         max_model_len=a.max_model_len,
     )
+    if a.profile:
+        prof = res["profile"]
+        print(prof.pop("kernels") or "")
+        print(json.dumps(prof, indent=1))
     print(table(res))
     print(f"(full results: {a.out})")
     return res

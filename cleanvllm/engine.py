@@ -174,8 +174,9 @@ class LLMEngine:
             raise RuntimeError("this engine is closed")
         seqs, is_prefill = self.scheduler.schedule()
         batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-        logits = self._execute(batch)
-        token_ids = self.runner.sample(logits, seqs)
+        logits, token_ids = self._execute(batch)
+        if token_ids is None:
+            token_ids = self.runner.sample(logits, seqs)
         finished = self.scheduler.postprocess(seqs, token_ids)
         for seq in seqs:
             if (

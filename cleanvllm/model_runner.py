@@ -2,6 +2,7 @@
 
 
 # notebooks/07_model_runner.ipynb, cell 8
+import math
 import socket
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class StepBatch:
     cu_seqlens_q: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
+    temperatures: list[float] | None = None  # set when every request samples by temperature alone
 
     @property
     def num_seqs(self) -> int:
@@ -53,7 +55,10 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
         cu.append(cu[-1] + end - start)
         ctx.append(end)
         tables.append(seq.block_table)
-    return StepBatch(is_prefill, ids, pos, slots, cu, ctx, tables)
+    temps = None
+    if all(s.sampling_params.simple for s in seqs):
+        temps = [float(s.sampling_params.temperature) for s in seqs]
+    return StepBatch(is_prefill, ids, pos, slots, cu, ctx, tables, temps)
 
 
 def free_port() -> int:
@@ -102,22 +107,42 @@ class ModelRunner:
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
+        self.graph_samples = False
         if self.use_graphs:
             self._capture_graphs()
 
     # ---- buffers, warm-up, cache -------------------------------------------------------
     def _allocate_buffers(self) -> None:
+        """All step inputs live in one flat int64 buffer (plus one for temperatures), mirrored in
+        pinned host memory: a step is staged with numpy writes and ONE host-to-device copy, and
+        the device views never move, which is what CUDA graphs need."""
         c = self.config
-        n, s = max(c.max_num_batched_tokens, c.max_num_seqs), c.max_num_seqs
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=self.device)  # noqa: E731
-        self.buf = dict(
-            input_ids=z(n),
-            positions=z(n),
-            slot_mapping=z(n),
-            cu_seqlens_q=z(s + 1),
-            context_lens=z(s),
-            block_tables=z(s, self.max_blocks_per_seq),
+        n, s, w = (
+            max(c.max_num_batched_tokens, c.max_num_seqs),
+            c.max_num_seqs,
+            self.max_blocks_per_seq,
         )
+        shapes = dict(
+            input_ids=(n,),
+            positions=(n,),
+            slot_mapping=(n,),
+            cu_seqlens_q=(s + 1,),
+            context_lens=(s,),
+            block_tables=(s, w),
+        )
+        total = sum(math.prod(v) for v in shapes.values())
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
+        self.dev = torch.zeros(total, dtype=torch.int64, device=self.device) if pin else self.host
+        self.temp_host = torch.zeros(s, dtype=torch.float32, pin_memory=pin)
+        self.temp_dev = torch.zeros(s, device=self.device) if pin else self.temp_host
+        self.buf, self.hbuf, off = {}, {}, 0
+        host_np = self.host.numpy()
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            self.buf[name] = self.dev[off : off + size].view(shape)
+            self.hbuf[name] = host_np[off : off + size].reshape(shape)
+            off += size
 
     @torch.inference_mode()
     def _warmup(self) -> None:
@@ -205,25 +230,31 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
     def _stage(self, batch: StepBatch, rows: int) -> None:
-        """Copy the batch into the device buffers, padding to `rows` sequences (decode graphs)."""
-        pad = rows - batch.num_seqs
-        b = self.buf
-        n = len(batch.input_ids) + pad
-        width = max(len(t) for t in batch.block_tables)
-        put = lambda name, values: b[name][: len(values)].copy_(  # noqa: E731
-            torch.tensor(values, dtype=torch.int64), non_blocking=True
-        )
-        put("input_ids", batch.input_ids + [0] * pad)
-        put("positions", batch.positions + [0] * pad)
-        put("slot_mapping", batch.slot_mapping + [-1] * pad)  # padding rows write nothing
-        put("cu_seqlens_q", batch.cu_seqlens_q + list(range(n - pad + 1, n + 1)))
-        put("context_lens", batch.context_lens + [1] * pad)
-        table = [t + [-1] * (width - len(t)) for t in batch.block_tables] + [
-            [0] + [-1] * (width - 1)
-        ] * pad
-        b["block_tables"][:rows, :width].copy_(
-            torch.tensor(table, dtype=torch.int64), non_blocking=True
-        )
+        """Write the batch into the host buffer, padded to `rows` sequences, and copy it over.
+        Padding rows (decode graphs) write no KV (slot -1) and attend to one harmless key."""
+        h, b, n = self.hbuf, batch.num_seqs, len(batch.input_ids)
+        pad = rows - b
+        h["input_ids"][:n] = batch.input_ids
+        h["positions"][:n] = batch.positions
+        h["slot_mapping"][:n] = batch.slot_mapping
+        h["cu_seqlens_q"][: b + 1] = batch.cu_seqlens_q
+        h["context_lens"][:b] = batch.context_lens
+        table = h["block_tables"]
+        for i, t in enumerate(batch.block_tables):
+            table[i, : len(t)] = t
+        if pad:
+            h["input_ids"][n : n + pad] = 0
+            h["positions"][n : n + pad] = 0
+            h["slot_mapping"][n : n + pad] = -1
+            h["cu_seqlens_q"][b + 1 : rows + 1] = range(n + 1, n + pad + 1)
+            h["context_lens"][b:rows] = 1
+            table[b:rows, 0] = 0
+        if batch.temperatures is not None:
+            self.temp_host.numpy()[:b] = batch.temperatures
+            if self.temp_dev is not self.temp_host:
+                self.temp_dev.copy_(self.temp_host, non_blocking=True)
+        if self.dev is not self.host:
+            self.dev.copy_(self.host, non_blocking=True)  # one copy; the step's sync orders reuse
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         b = self.buf
@@ -244,13 +275,18 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor | None:
-        """Run the model for one step; return last-token logits on rank 0 (None elsewhere)."""
+    def execute(self, batch: StepBatch) -> tuple[torch.Tensor | None, list[int] | None]:
+        """Run one step. Returns (last-token logits, tokens): tokens when a decode graph already
+        sampled them (temperature-only requests), else None; logits are None off rank 0."""
         rows = batch.num_seqs
         graph_rows = next((g for g in self.graph_sizes if g >= rows), None) if self.graphs else None
         if not batch.is_prefill and graph_rows is not None:
             self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
+            if self.graph_samples and batch.temperatures is not None:
+                return None, self.graph_tokens[:rows].tolist()
+            if self.graph_samples:
+                return self.graph_logits[:rows], None
             hidden = self.graph_out[:rows]
         else:
             self._stage(batch, rows)
@@ -261,9 +297,11 @@ class ModelRunner:
             if batch.is_prefill:
                 hidden = hidden[self.buf["cu_seqlens_q"][1 : rows + 1] - 1]
             reset_context()
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), None
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        if all(s.sampling_params.simple for s in seqs):  # no per-request generator needed
+            return self.sampler(logits, [s.sampling_params for s in seqs]).tolist()
         gens = []
         for seq in seqs:
             seed = seq.sampling_params.seed
@@ -273,12 +311,20 @@ class ModelRunner:
         params = [s.sampling_params for s in seqs]
         return self.sampler(logits, params, gens).tolist()
 
+    def _graph_body(self, rows: int) -> None:
+        hidden = self.model(self.buf["input_ids"][:rows], self.buf["positions"][:rows])
+        self.graph_out[:rows] = hidden
+        if self.graph_samples:
+            logits = self.model.compute_logits(hidden)
+            self.graph_logits[:rows] = logits
+            self.graph_tokens[:rows] = Sampler.sample_simple(logits, self.temp_dev[:rows])
+
     def release(self) -> None:
         """Free the KV cache, the graphs and the weights (the engine is closing)."""
         for layer in self.model.model.layers:
             layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = torch.tensor([])
         self.graphs.clear()
-        del self.kv_cache, self.model, self.buf
+        del self.kv_cache, self.model, self.buf, self.dev
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -292,19 +338,23 @@ class ModelRunner:
         self.graph_out = torch.zeros(
             top, c.hf_config.hidden_size, dtype=c.torch_dtype, device=self.device
         )
+        # With one rank the graph also computes the logits and samples (temperature-only requests):
+        # the whole decode step is then one replay. With TP, logits are gathered eagerly.
+        self.graph_samples = c.tensor_parallel_size == 1
+        if self.graph_samples:
+            self.graph_logits = torch.zeros(
+                top, c.hf_config.vocab_size, dtype=c.torch_dtype, device=self.device
+            )
+            self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
         pool = None
         for rows in reversed(self.graph_sizes):
-            dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]])
+            dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [1.0])
             self._stage(dummy, rows)
             self._context(dummy, rows)
-            self.graph_out[:rows] = self.model(
-                self.buf["input_ids"][:rows], self.buf["positions"][:rows]
-            )
+            self._graph_body(rows)  # warm up (compiles Triton kernels) outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_out[:rows] = self.model(
-                    self.buf["input_ids"][:rows], self.buf["positions"][:rows]
-                )
+                self._graph_body(rows)
             pool = pool or graph.pool()
             self.graphs[rows] = graph
             reset_context()

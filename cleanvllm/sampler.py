@@ -21,8 +21,10 @@ class Sampler:
         if all(p.temperature == 0 for p in params):
             return greedy_ids
         dev = logits.device
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-        logits = logits / temps[:, None]
+        temps = torch.tensor([p.temperature for p in params], device=dev)
+        if all(p.simple for p in params) and generators is None:
+            return self.sample_simple(logits, temps)
+        logits = logits / torch.where(temps > 0, temps, 1.0)[:, None]
         if any(p.top_k != -1 or p.top_p < 1.0 for p in params):
             logits = self.top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = logits.softmax(-1)
@@ -36,8 +38,15 @@ class Sampler:
             if g is not None:
                 race[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=g)
         sampled = (probs / race).argmax(-1)
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-        return torch.where(greedy, greedy_ids, sampled)
+        return torch.where(temps > 0, sampled, greedy_ids)
+
+    @staticmethod
+    def sample_simple(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+        """Temperature-only sampling (0 = greedy), in fixed-shape ops a CUDA graph can capture."""
+        logits = logits.float()
+        probs = torch.softmax(logits / torch.where(temps > 0, temps, 1.0)[:, None], -1)
+        sampled = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+        return torch.where(temps > 0, sampled, logits.argmax(-1))
 
     @staticmethod
     def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

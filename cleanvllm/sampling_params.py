@@ -50,3 +50,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def simple(self) -> bool:
+        """Temperature-only sampling: no filters and no private seed (a CUDA graph can sample it)."""
+        return self.top_k == -1 and self.top_p == 1.0 and self.min_p == 0.0 and self.seed is None
