@@ -1,0 +1,91 @@
+"""The scheduler with a fake model: preemption, chunking and stopping never change outputs."""
+import random
+
+import pytest
+
+from cleanvllm.block_manager import BlockManager
+from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.scheduler import Scheduler, fake_next_token, simulate
+from cleanvllm.sequence import Sequence
+
+
+def workload(seed, n=30, bs=16, max_prompt=200):
+    rng = random.Random(seed)
+    return [Sequence([rng.randint(0, 999) for _ in range(rng.randint(1, max_prompt))],
+                     SamplingParams(max_tokens=rng.randint(1, 80), ignore_eos=True), block_size=bs) for _ in range(n)]
+
+
+def expected_completion(seq: Sequence) -> list[int]:
+    """What an unconstrained engine must produce: the fake model applied token by token."""
+    toks = list(seq.prompt_token_ids)
+    for _ in range(seq.sampling_params.max_tokens):
+        toks.append(fake_next_token(toks))
+    return toks[seq.num_prompt_tokens:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("blocks,budget", [(16, 32), (30, 256), (4096, 4096)])
+def test_outputs_independent_of_memory_and_budget(seed, blocks, budget):
+    seqs = workload(seed)
+    sch = Scheduler(max_num_seqs=8, max_num_batched_tokens=budget, block_manager=BlockManager(blocks, 16))
+    trace = simulate(sch, seqs)
+    for s in seqs:
+        assert s.completion_token_ids == expected_completion(s)
+        assert s.is_finished and s.finish_reason == "length" and not s.block_table
+    assert sch.block_manager.num_free_blocks == blocks
+    assert all(t["tokens"] <= budget for t in trace)
+    assert all(t["running"] <= 8 for t in trace)
+    if blocks == 16:
+        assert sch.num_preemptions > 0
+
+
+def test_no_request_lost_or_duplicated():
+    seqs = workload(7, n=50)
+    sch = Scheduler(max_num_seqs=6, max_num_batched_tokens=64, block_manager=BlockManager(20, 16))
+    for s in seqs:
+        sch.add(s)
+    finished = []
+    while not sch.is_finished():
+        batch, _ = sch.schedule()
+        assert len({id(s) for s in batch}) == len(batch)  # no sequence twice in a step
+        live = list(sch.waiting) + list(sch.running)
+        assert len({id(s) for s in live}) == len(live)
+        finished += sch.postprocess(batch, [fake_next_token(s.token_ids) for s in batch])
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in seqs)
+
+
+def test_max_model_len_prompt_completes_with_chunked_prefill():
+    max_len, bs = 1024, 16
+    seq = Sequence(list(range(max_len - 1)), SamplingParams(max_tokens=1, ignore_eos=True), block_size=bs)
+    sch = Scheduler(max_num_seqs=4, max_num_batched_tokens=100, block_manager=BlockManager(max_len // bs, bs))
+    trace = simulate(sch, [seq])
+    assert len(seq) == max_len and seq.num_completion_tokens == 1
+    assert sum(t["tokens"] for t in trace if t["prefill"]) == max_len - 1
+    assert max(t["tokens"] for t in trace) == 100
+
+
+def test_eos_stop_tokens_and_min_tokens():
+    eos = 5
+    def run(sp):
+        seq = Sequence([1, 2, 3], sp, block_size=4)
+        sch = Scheduler(4, 64, BlockManager(8, 4), eos_token_ids=[eos])
+        sch.add(seq)
+        outs = iter([9, eos, 7, eos, 8, 6, 6, 6])
+        while not sch.is_finished():
+            batch, _ = sch.schedule()
+            sch.postprocess(batch, [next(outs) for _ in batch])
+        return seq
+    s = run(SamplingParams(max_tokens=8))
+    assert s.completion_token_ids == [9, eos] and s.finish_reason == "stop"
+    s = run(SamplingParams(max_tokens=8, min_tokens=2))  # the first two tokens cannot stop it
+    assert s.completion_token_ids == [9, eos, 7, eos] and s.finish_reason == "stop"
+    s = run(SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[8]))
+    assert s.completion_token_ids == [9, eos, 7, eos, 8]
+    s = run(SamplingParams(max_tokens=3, ignore_eos=True))
+    assert s.completion_token_ids == [9, eos, 7] and s.finish_reason == "length"
+
+
+def test_sequence_larger_than_the_cache_is_rejected():
+    sch = Scheduler(4, 64, BlockManager(2, 4))
+    with pytest.raises(ValueError, match="needs 3 blocks"):
+        sch.add(Sequence(list(range(9)), block_size=4))
