@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", default="bench_results.json")
     ap.add_argument(
         "--profile", action="store_true", help="time step kinds and list the top kernels"
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.out,
         a.profile,
         max_model_len=a.max_model_len,
+        tensor_parallel_size=a.tensor_parallel_size,
     )
     if a.profile:
         prof = res["profile"]

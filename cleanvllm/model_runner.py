@@ -202,6 +202,10 @@ class ModelRunner:
                 c.cpu_kvcache_bytes // per_block,
                 f"cpu_kvcache_bytes={c.cpu_kvcache_bytes}",
             )
+        if c.tensor_parallel_size > 1:  # every rank must hold the same blocks: take the smallest
+            t = torch.tensor([num], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num = int(t.item())
         if num * self.block_size < c.max_model_len:
             need = self.max_blocks_per_seq * per_block
             raise ValueError(
