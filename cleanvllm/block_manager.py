@@ -2,7 +2,7 @@
 
 
 # notebooks/03_memory.ipynb, cell 3
-from collections import deque
+from collections import OrderedDict
 
 import numpy as np
 import xxhash
@@ -44,7 +44,9 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
-        self.free_block_ids: deque[int] = deque(range(num_blocks))  # oldest freed first
+        # An ordered set, oldest freed first: O(1) to take the oldest, and O(1) to take out a
+        # specific freed block that a prefix-cache hit revives (a deque would scan for it).
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.used_block_ids: set[int] = set()
 
     @property
@@ -52,7 +54,7 @@ class BlockManager:
         return len(self.free_block_ids)
 
     def _take_fresh_block(self) -> Block:
-        block = self.blocks[self.free_block_ids.popleft()]
+        block = self.blocks[self.free_block_ids.popitem(last=False)[0]]
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block.block_id:
             del self.hash_to_block_id[block.hash]  # its old contents are about to be overwritten
         block.hash, block.token_ids = -1, []
@@ -64,7 +66,7 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.used_block_ids.remove(block.block_id)
-            self.free_block_ids.append(block.block_id)
+            self.free_block_ids[block.block_id] = None
 
     def can_allocate(self, seq: Sequence) -> bool:
         # Conservative: assumes no cache hit, so a hit never makes allocation fail halfway.
@@ -89,7 +91,7 @@ class BlockManager:
                 continue
             block = self.blocks[block_id]
             if block.ref_count == 0:  # a freed block that still holds this prefix
-                self.free_block_ids.remove(block_id)
+                del self.free_block_ids[block_id]
                 self.used_block_ids.add(block_id)
             block.ref_count += 1
             table.append(block_id)

@@ -338,7 +338,7 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         c = self.config
         top = min(c.max_num_seqs, 512)
-        self.graph_sizes = sorted({1, 2, 4, 8, *range(16, top + 1, 16), top})
+        self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         self.graph_out = torch.zeros(
             top, c.hf_config.hidden_size, dtype=c.torch_dtype, device=self.device
         )
