@@ -27,7 +27,8 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup lint test-py test-nb ## everything CI runs: export/clean checks, unit tests, every chapter
 
-lint: check-export check-clean
+lint: check-export check-clean ## export in sync, notebooks clean, no unused or undefined names
+	$(VENV)/bin/ruff check --select F,E9 cleanvllm tools tests
 
 test-py: setup
 	$(PY) -m pytest tests/ -q

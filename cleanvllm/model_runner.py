@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cleanvllm.attention import decode_num_splits
 from cleanvllm.config import Config
 from cleanvllm.context import reset_context, set_context
 from cleanvllm.loader import load_model

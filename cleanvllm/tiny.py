@@ -122,16 +122,27 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides
     return out
 
 
+def prepared_checkpoint(name: str, write, done_file: str = "model.safetensors") -> Path:
+    """A checkpoint in the user's cache (CLEANVLLM_CACHE, default ~/.cache/cleanvllm), made by
+    write(path) on first use. Written to a temporary folder and renamed, so a half-written
+    checkpoint is never seen; a failed write leaves nothing behind."""
+    root = Path(os.environ.get("CLEANVLLM_CACHE", Path.home() / ".cache" / "cleanvllm"))
+    path = root / name
+    if not (path / done_file).is_file():
+        tmp = root / f"{name}.tmp{os.getpid()}"
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
 def tiny_model_dir() -> Path:
     """The tiny checkpoint in the user's cache, written on first use."""
-    root = Path(os.environ.get("CLEANVLLM_CACHE", Path.home() / ".cache" / "cleanvllm"))
-    path = root / "tiny-qwen3"
-    if not (path / "model.safetensors").is_file():
-        tmp = root / f"tiny-qwen3.tmp{os.getpid()}"
-        write_tiny_checkpoint(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)  # atomic: a half-written checkpoint is never seen
-    return path
+    return prepared_checkpoint("tiny-qwen3", write_tiny_checkpoint)
 
 
 def default_model() -> str:

@@ -1,6 +1,5 @@
 """tools/export.py: the notebooks are the source of the package."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import nbformat
