@@ -201,6 +201,10 @@ class ModelRunner:
                 c.cpu_kvcache_bytes // per_block,
                 f"cpu_kvcache_bytes={c.cpu_kvcache_bytes}",
             )
+        if c.num_kvcache_blocks <= 0:
+            # More blocks than max_num_seqs full-length sequences can ever use would only hold
+            # evicted prefix-cache entries; a small model on a big GPU would get millions of them.
+            num = min(num, c.max_num_seqs * self.max_blocks_per_seq)
         if c.tensor_parallel_size > 1:  # every rank must hold the same blocks: take the smallest
             t = torch.tensor([num], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
