@@ -17,13 +17,13 @@ class Sampler:
         generators: list[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
         logits = logits.float()
-        greedy_ids = logits.argmax(-1)
         if all(p.temperature == 0 for p in params):
-            return greedy_ids
+            return logits.argmax(-1)
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], device=dev)
         if all(p.simple for p in params) and generators is None:
             return self.sample_simple(logits, temps)
+        greedy_ids = logits.argmax(-1)
         logits = logits / torch.where(temps > 0, temps, 1.0)[:, None]
         if any(p.top_k != -1 or p.top_p < 1.0 for p in params):
             logits = self.top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
