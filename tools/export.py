@@ -1,15 +1,20 @@
 """Export the `#| export` cells of the chapter notebooks into the `cleanvllm` package.
 
-A tiny stand-in for nbdev's exporter. Directives (nbdev syntax, first lines of a cell):
+A small stand-in for nbdev's exporter. Directives (nbdev syntax, first lines of a cell):
   #| default_exp block_manager   the notebook's default module (cleanvllm/block_manager.py)
   #| export                      send this cell to the default module
   #| export models.qwen3         send this cell to another module (cleanvllm/models/qwen3.py)
-Every module comes from exactly one notebook. Usage:
-  python tools/export.py          write the modules
-  python tools/export.py --check  exit 1 if the committed modules differ from a fresh export
+The code is copied verbatim (format the notebooks with `ruff format`), with two moves that make the
+module read as ordinary Python: every top-level import goes to the top of the module (sorted by
+ruff), and a function decorated `@add_to(Cls)` becomes a method in the body of class Cls. The first
+export cell of a module starts with its docstring. Every module comes from exactly one notebook.
+Usage:
+  python tools/export.py [NOTEBOOK ...]          write the modules (of these notebooks, or all)
+  python tools/export.py --check [NOTEBOOK ...]  exit 1 if the package differs from a fresh export
 """
 
 import argparse
+import ast
 import re
 import subprocess
 import sys
@@ -29,9 +34,8 @@ def parse_notebook(path: Path) -> dict[str, list[tuple[int, str]]]:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        lines = cell.source.splitlines()
         body, target = [], None
-        for line in lines:
+        for line in cell.source.splitlines():
             m = DIRECTIVE.match(line)
             if m and m.group(1) == "default_exp":
                 default = m.group(2) or None
@@ -43,33 +47,86 @@ def parse_notebook(path: Path) -> dict[str, list[tuple[int, str]]]:
             cells.append((i, target, "\n".join(body).strip("\n")))
     modules: dict[str, list[tuple[int, str]]] = {}
     for i, target, code in cells:
-        name = target or default
-        if not name:
+        if not (target or default):
             raise SystemExit(f"{path.name} cell {i}: `#| export` without a module and no `#| default_exp`")
-        modules.setdefault(name, []).append((i, code))
+        modules.setdefault(target or default, []).append((i, code))
     return modules
+
+
+def _add_to_target(node: ast.stmt) -> tuple[str, int] | None:
+    """For `@add_to(Cls)` on a top-level function: (Cls, line of that decorator)."""
+    for d in getattr(node, "decorator_list", []):
+        if isinstance(d, ast.Call) and getattr(d.func, "id", "") == "add_to" and d.args:
+            return ast.unparse(d.args[0]), d.lineno
+    return None
+
+
+def render(nb_rel: str, name: str, cells: list[tuple[int, str]]) -> str:
+    imports: list[str] = []
+    chunks: list[list[str]] = []  # top-level code, one list of lines per cell
+    classes: dict[str, tuple[int, int]] = {}  # class name -> (chunk, line after its last line)
+    methods: dict[str, list[str]] = {}
+    docstring = None
+    for k, (i, code) in enumerate(cells):
+        lines = code.splitlines()
+        try:
+            tree = ast.parse(code)
+        except SyntaxError as e:
+            raise SystemExit(f"{nb_rel} cell {i}: {e}") from None
+        if k == 0:
+            first = tree.body[0] if tree.body else None
+            if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                raise SystemExit(f"{nb_rel} cell {i}: the first export cell of module {name} must "
+                                 "start with the module docstring")
+            docstring, tree.body = lines[first.lineno - 1 : first.end_lineno], tree.body[1:]
+        drop: set[int] = set(range(first.lineno - 1, first.end_lineno)) if k == 0 else set()
+        for node in tree.body:
+            top = min([node.lineno - 1] + [d.lineno - 1 for d in getattr(node, "decorator_list", [])])
+            while top > 0 and lines[top - 1].lstrip().startswith("#"):
+                top -= 1  # comment lines directly above a moved statement move with it
+            span = range(top, node.end_lineno)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imports.append("\n".join(lines[j] for j in span))
+                drop.update(span)
+            elif (target := _add_to_target(node)) is not None:
+                cls, deco = target
+                if cls not in classes:
+                    raise SystemExit(f"{nb_rel} cell {i}: @add_to({cls}) before class {cls} is defined")
+                keep = [lines[j] for j in span if j != deco - 1]
+                methods.setdefault(cls, []).append("\n" + "\n".join("    " + x if x.strip() else "" for x in keep))
+                drop.update(span)
+            elif isinstance(node, ast.ClassDef):
+                classes[node.name] = (k, node.end_lineno)
+        kept = [j for j in range(len(lines)) if j not in drop]
+        chunks.append([lines[j] for j in kept])
+        for cls, (ck, end) in list(classes.items()):
+            if ck == k:  # from a line number to a position in the kept lines
+                classes[cls] = (k, sum(1 for j in kept if j < end))
+    for cls, (ck, end) in sorted(classes.items(), key=lambda kv: kv[1], reverse=True):
+        chunks[ck][end:end] = methods.get(cls, [])  # last first: earlier positions stay valid
+    body = "\n\n\n".join("\n".join(c).strip("\n") for c in chunks if "\n".join(c).strip())
+    head = HEADER.format(nb=nb_rel) + "\n".join(docstring) + "\n\n" + "\n".join(imports)
+    return sort_imports(head + "\n\n\n" + body + "\n", nb_rel)
+
+
+def sort_imports(source: str, nb_rel: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "I", "--fix", "--quiet", "--exit-zero",
+         "--line-length", "100", "--stdin-filename", "module.py", "-"],
+        input=source, capture_output=True, text=True, cwd=ROOT,
+    )
+    if out.returncode != 0 or not out.stdout:
+        raise SystemExit(f"ruff could not sort the imports of {nb_rel}:\n{out.stderr}")
+    return out.stdout
 
 
 def module_path(name: str, pkg: Path) -> Path:
     return pkg.joinpath(*name.split(".")).with_suffix(".py")
 
 
-def render(nb_rel: str, cells: list[tuple[int, str]]) -> str:
-    parts = [HEADER.format(nb=nb_rel)]
-    for i, code in cells:
-        parts.append(f"\n\n# {nb_rel}, cell {i}\n{code}\n")
-    source = "".join(parts)
-    out = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],
-        input=source, capture_output=True, text=True,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"ruff could not format the export of {nb_rel}:\n{out.stderr}")
-    return out.stdout
-
-
-def export(root: Path = ROOT) -> dict[Path, str]:
-    """Build {module path: text} for every notebook under root/notebooks."""
+def export(root: Path = ROOT, only: list[Path] | None = None) -> dict[Path, str]:
+    """Build {module path: text} for every notebook under root/notebooks (or only these)."""
     pkg, owners, files = root / "cleanvllm", {}, {}
     for nb in sorted((root / "notebooks").glob("*.ipynb")):
         nb_rel = nb.relative_to(root).as_posix()
@@ -77,21 +134,27 @@ def export(root: Path = ROOT) -> dict[Path, str]:
             if name in owners:
                 raise SystemExit(f"module {name} is exported by both {owners[name]} and {nb_rel}")
             owners[name] = nb_rel
-            files[module_path(name, pkg)] = render(nb_rel, cells)
+            if only is None or nb.resolve() in only:
+                files[module_path(name, pkg)] = render(nb_rel, name, cells)
     return files
 
 
-def generated(pkg: Path) -> set[Path]:
-    """Modules already on disk that this exporter wrote (they carry the header)."""
-    return {p for p in pkg.rglob("*.py") if p.read_text().startswith("# AUTOGENERATED from ")}
+def generated(pkg: Path, only: list[Path] | None, root: Path) -> set[Path]:
+    """Modules on disk that this exporter wrote (they carry the header), of these notebooks."""
+    names = None if only is None else {p.relative_to(root).as_posix() for p in only}
+    found = {p: p.read_text().split("\n", 1)[0] for p in pkg.rglob("*.py")}
+    return {p for p, first in found.items() if first.startswith("# AUTOGENERATED from ")
+            and (names is None or first.split()[3] in names)}
 
 
 def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="report drift instead of writing")
+    ap.add_argument("notebooks", nargs="*", type=Path, help="only these notebooks")
     args = ap.parse_args(argv)
-    files = export(root)
-    stale = generated(root / "cleanvllm") - set(files)
+    only = [p.resolve() for p in args.notebooks] or None
+    files = export(root, only)
+    stale = generated(root / "cleanvllm", only, root) - set(files)
     drift = sorted(p for p, text in files.items() if not p.exists() or p.read_text() != text)
     if args.check:
         for p in drift + sorted(stale):
