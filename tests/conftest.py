@@ -6,6 +6,9 @@ import torch
 # Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One CPU thread per test process: torch's default (a thread per core) collapses on a busy 2-core
+# machine, and `make test` runs two test processes side by side.
+torch.set_num_threads(int(os.environ.get("CLEANVLLM_THREADS", "1")))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

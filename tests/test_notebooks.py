@@ -1,0 +1,93 @@
+"""The course's own rules, checked on every chapter notebook.
+
+- a chapter's checks run the chapter's own code: with its export cells blanked, it fails;
+- export cells are small steps (at most 50 lines);
+- every chapter has exercises, and the solutions in solutions/ pass their checks;
+- an edit in an earlier chapter, exported, is what a later chapter runs.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXERCISE = re.compile(r"^#\|\s*exercise\s+(\S+)\s*$", re.M)
+MAX_EXPORT_LINES = 50
+
+
+def is_export(cell) -> bool:
+    return cell.cell_type == "code" and re.match(r"#\|\s*export\b", cell.source.lstrip()) is not None
+
+
+def run(nb, cwd: Path, timeout: int = 300) -> str:
+    """Execute nb in cwd; return everything its cells printed."""
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def solutions(nb_path: Path) -> dict[str, str]:
+    """{exercise name: solution code} from solutions/NN_name.py (blocks headed `# %% exercise N.M`)."""
+    path = ROOT / "solutions" / f"{nb_path.stem}.py"
+    assert path.exists(), f"{path.relative_to(ROOT)} is missing"
+    blocks = re.split(r"^# %% exercise (\S+)\s*$", path.read_text(), flags=re.M)
+    return {name: code.strip("\n") for name, code in zip(blocks[1::2], blocks[2::2])}
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_export_cells_are_small_steps(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    sizes = [len(c.source.strip().splitlines()) for c in nb.cells if is_export(c)]
+    assert sizes, f"{nb_path.name} exports nothing"
+    assert max(sizes) <= MAX_EXPORT_LINES, f"{nb_path.name}: an export cell of {max(sizes)} lines"
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_chapter_runs_its_own_code(nb_path):
+    """Blank every export cell: if the chapter still runs, its checks test a stale installed copy."""
+    nb = nbformat.read(nb_path, as_version=4)
+    for c in nb.cells:
+        if is_export(c):
+            c.source = c.source.splitlines()[0] + "\npass"
+    with pytest.raises(CellExecutionError):
+        run(nb, nb_path.parent)
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_exercises_and_their_solutions_pass(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    stubs = {m.group(1): c for c in nb.cells if c.cell_type == "code" and (m := EXERCISE.match(c.source))}
+    assert len(stubs) >= 2, f"{nb_path.name} has {len(stubs)} exercise(s); a chapter has 2-3"
+    sols = solutions(nb_path)
+    assert set(sols) == set(stubs), f"solutions {sorted(sols)} vs exercises {sorted(stubs)}"
+    for name, cell in stubs.items():
+        cell.source = f"#| exercise {name}\n{sols[name]}"
+    printed = run(nb, nb_path.parent)
+    for name in stubs:
+        assert f"Exercise {name}: passed" in printed, f"exercise {name}'s solution did not pass its check"
+
+
+def test_an_exported_edit_in_chapter_3_is_what_chapter_4_runs(tmp_path, monkeypatch):
+    for d in ("notebooks", "tools", "cleanvllm"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    ch3, ch4 = (next((tmp_path / "notebooks").glob(f"{n}_*.ipynb")) for n in ("03", "04"))
+    nb3 = nbformat.read(ch3, as_version=4)
+    last_export = max(i for i, c in enumerate(nb3.cells) if is_export(c))
+    # What a learner does: change a method in chapter 3, save, export.
+    edit = '#| export\n@add_to(BlockManager)\ndef __init__(self, *args, **kwargs):\n    raise RuntimeError("the learner\'s chapter-3 edit ran")'
+    nb3.cells.insert(last_export + 1, nbformat.v4.new_code_cell(edit))
+    nbformat.write(nb3, ch3)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the kernel imports the copy's package
+    out = subprocess.run([sys.executable, str(tmp_path / "tools" / "export.py"), str(ch3)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "block_manager.py" in out.stdout, out.stdout + out.stderr
+    assert "the learner's chapter-3 edit ran" in (tmp_path / "cleanvllm" / "block_manager.py").read_text()
+    with pytest.raises(CellExecutionError, match="the learner's chapter-3 edit ran"):
+        run(nbformat.read(ch4, as_version=4), ch4.parent)
