@@ -5,7 +5,8 @@ import pytest
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.sampling_params import SamplingParams
-from cleanvllm.scheduler import Scheduler, fake_next_token, simulate
+from cleanvllm.scheduler import Scheduler
+from cleanvllm.simulate import fake_next_token, simulate
 from cleanvllm.sequence import Sequence
 
 
