@@ -4,9 +4,16 @@ import random
 import pytest
 import torch
 
-from cleanvllm.attention import (paged_attention_torch, paged_decode_triton, paged_prefill_triton,
-                                 reference_paged_attention, store_kvcache, store_kvcache_torch)
+from cleanvllm import attention
+from cleanvllm.attention import (Attention, paged_attention_torch, paged_decode_triton, paged_prefill_triton,
+                                 store_kvcache, store_kvcache_torch, torch_no_cache, triton_no_cache)
+from cleanvllm.context import Context, reset_context, set_context
+from cleanvllm.reference import reference_paged_attention
 from conftest import DEVICES, rel_err
+
+# The interpreter evaluates log(0) for an empty decode split before tl.where discards it: harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
 
 # Triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set in conftest without a GPU).
 def triton_ok(device):
@@ -135,3 +142,102 @@ def test_store_kvcache_matches_reference(device):
         assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
         store_kvcache_torch(k, v, kc, vc, slots)
         assert torch.equal(kc.nan_to_num(0), kc2.cpu().nan_to_num(0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n,splits", [(16, 1), (16, 8), (32, 4), (64, 2)])
+def test_decode_tile_size_and_splits_keep_the_result(device, block_n, splits):
+    """BLOCK_N and the number of splits change the order of the additions, not the result."""
+    if not triton_ok(device):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    q, kc, vc, cu, ctx, tables, d = make_case([1] * 3, [0, 63, 200], 4, 2, 32, 64, torch.float32, device, block_n)
+    ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, 0.2)
+    out = paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], 0.2, num_splits=splits, block_n=block_n)
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="block_n"):  # a tile that straddles two blocks is refused
+        paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], 0.2, block_n=128)
+    with pytest.raises(ValueError, match="num_splits"):  # the merge kernel needs a power of two
+        paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], 0.2, num_splits=3)
+
+
+def test_online_softmax_is_written_once():
+    """Issue 12 item 7: the prefill and decode kernels share one @triton.jit online-softmax loop."""
+    import inspect
+
+    kernels = [attention._paged_decode_kernel, attention._paged_prefill_kernel]
+    for k in kernels:
+        src = inspect.getsource(k.fn)
+        assert "_attend_tiles(" in src and "tl.exp(" not in src and " for " not in src, k.fn.__name__
+    assert inspect.getsource(attention._attend_tiles.fn).count("tl.exp(") == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_cache_path_is_causal_attention_on_every_backend(backend):
+    """Before the KV cache exists (the warm-up forward) each backend runs its own kernels."""
+    if backend == "triton" and not triton_ok("cpu"):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    g = torch.Generator().manual_seed(4)
+    lens = [7, 33, 1]
+    q, k, v = (torch.randn(sum(lens), h, 32, generator=g) for h in (8, 2, 2))
+    cu = torch.tensor([0, 7, 40, 41])
+    ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(lens))
+    out = {"torch": torch_no_cache, "triton": triton_no_cache}[backend](q, k, v, ctx, 0.3)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = k[s:e].repeat_interleave(4, 1).double(), v[s:e].repeat_interleave(4, 1).double()
+        sc = torch.einsum("qhd,khd->hqk", q[s:e].double(), kk) * 0.3
+        sc = sc.masked_fill(torch.ones(e - s, e - s).triu(1).bool(), float("-inf"))
+        assert rel_err(out[s:e], torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv)) < 1e-5
+
+
+def test_backend_is_resolved_once_at_construction(monkeypatch):
+    """'auto' -> torch on the CPU; unknown names fail at construction; forward never re-chooses."""
+    assert Attention(4, 32, 0.2, 2, "auto").backend == "torch"
+    with pytest.raises(ValueError, match="attention backend"):
+        Attention(4, 32, 0.2, 2, "magic")
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    assert attention.resolve_backend("auto", "cuda") == "flash"
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
+    assert attention.resolve_backend("auto", "cuda") == "triton"
+    layer = Attention(4, 32, 0.2, 2, "torch")
+
+    def boom(*args):
+        raise AssertionError("the backend was chosen again during forward")
+
+    monkeypatch.setattr(attention, "resolve_backend", boom)
+    set_context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 5]), max_seqlen_q=5)
+    try:
+        assert layer(torch.randn(5, 128), torch.randn(5, 64), torch.randn(5, 64)).shape == (5, 128)
+    finally:
+        reset_context()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_layer_prefill_then_decode_matches_reference(backend):
+    """The layer stores through slot_mapping and attends through block tables, step after step."""
+    if backend == "triton" and not triton_ok("cpu"):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    g = torch.Generator().manual_seed(7)
+    heads, kvh, hd, bs = 4, 2, 32, 16
+    tables = [[5, 1, 3], [0, 4]]  # room for 48 and 32 tokens
+    layer = Attention(heads, hd, hd ** -0.5, kvh, backend)
+    layer.k_cache, layer.v_cache = torch.full((2, 6, bs, kvh, hd), float("nan")).unbind(0)
+    keys, values = torch.zeros(6 * bs, kvh, hd), torch.zeros(6 * bs, kvh, hd)  # independent copy
+    done = [0, 0]
+    for step, new in enumerate([[40, 20], [1, 1], [1, 1]]):
+        ctx = [d + n for d, n in zip(done, new)]
+        slots = [tables[b][p // bs] * bs + p % bs for b in range(2) for p in range(done[b], ctx[b])]
+        q = torch.randn(sum(new), heads * hd, generator=g)
+        k, v = torch.randn(sum(new), kvh * hd, generator=g), torch.randn(sum(new), kvh * hd, generator=g)
+        keys[slots], values[slots] = k.view(-1, kvh, hd), v.view(-1, kvh, hd)
+        cu = [0, new[0], sum(new)]
+        set_context(is_prefill=step == 0, cu_seqlens_q=torch.tensor(cu), max_seqlen_q=max(new),
+                    slot_mapping=torch.tensor(slots), context_lens=torch.tensor(ctx),
+                    block_tables=torch.tensor([tables[0], tables[1] + [-1]]))
+        try:
+            out = layer(q, k, v)
+        finally:
+            reset_context()
+        ref = reference_paged_attention(q.view(-1, heads, hd), keys.view(6, bs, kvh, hd),
+                                        values.view(6, bs, kvh, hd), cu, ctx, tables, hd ** -0.5)
+        assert rel_err(out.view(-1, heads, hd), ref) < 1e-5, f"step {step}"
+        done = ctx
