@@ -90,3 +90,34 @@ def test_sequence_larger_than_the_cache_is_rejected():
     sch = Scheduler(4, 64, BlockManager(2, 4))
     with pytest.raises(ValueError, match="needs 3 blocks"):
         sch.add(Sequence(list(range(9)), block_size=4))
+
+
+def test_idle_scheduler_returns_an_empty_batch():
+    sch = Scheduler(4, 64, BlockManager(4, 4))
+    assert sch.schedule() == ([], False)
+    seq = Sequence([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), block_size=4)
+    simulate(sch, [seq])
+    assert seq.is_finished and sch.schedule() == ([], False)
+
+
+def test_a_corrupted_block_table_changes_the_fake_models_output(monkeypatch):
+    """simulate's fake model reads its history through the block tables, so it can catch a bug."""
+    def run():
+        sp = SamplingParams(max_tokens=6, ignore_eos=True)
+        seqs = [Sequence(list(range(12)) + [i], sp, block_size=4) for i in (50, 60)]
+        simulate(Scheduler(1, 64, BlockManager(10, 4)), seqs)
+        return [s.completion_token_ids for s in seqs]
+
+    good = run()
+    assert good == [expected_completion(s) for s in
+                    [Sequence(list(range(12)) + [i], SamplingParams(max_tokens=6), block_size=4) for i in (50, 60)]]
+    real = BlockManager.allocate
+
+    def wrong_hit(self, seq):
+        real(self, seq)
+        if seq.num_cached_tokens:
+            seq.block_table[0] = len(self.blocks) - 1  # a block that never held this prefix
+
+    monkeypatch.setattr(BlockManager, "allocate", wrong_hit)
+    bad = run()
+    assert bad[0] == good[0] and bad[1] != good[1]
