@@ -1,13 +1,16 @@
-"""Model parity with transformers (Qwen3, Qwen2, Llama with llama3 rope scaling) and a strict loader."""
-import json
-import shutil
+"""Model parity with transformers (Qwen3, Qwen2, Llama with llama3 rope scaling), and tensor
+parallelism that depends only on the TPGroup a model is built with (the loader: test_loader.py)."""
+import threading
+from datetime import timedelta
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cleanvllm.context import reset_context, set_context
+from cleanvllm.layers import TPGroup
 from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
 from conftest import rel_err
@@ -97,60 +100,112 @@ def test_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
     assert rel_err(out, ref) < 1e-4
 
 
-@pytest.fixture
-def ckpt_copy(tiny_model, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(tiny_model, dst)
-    return dst
+def _last_logits(model, prompts):
+    """Last-token logits of each prompt, the prompts run as one flat batch (context set by the caller)."""
+    pos = torch.cat([torch.arange(len(p)) for p in prompts])
+    cu = torch.tensor([0] + [len(p) for p in prompts]).cumsum(0)
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(sum(prompts, [])), pos)[cu[1:] - 1])
 
 
-def _load(path):
-    cfg = AutoConfig.from_pretrained(path)
-    load_model(Qwen3ForCausalLM(cfg, max_position=64), path)
+def _flat_context(prompts):
+    cu = torch.tensor([0] + [len(p) for p in prompts]).cumsum(0)
+    set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(map(len, prompts)))
 
 
-def _edit(path, fn):
-    t = load_file(path / "model.safetensors")
-    fn(t)
-    save_file(t, path / "model.safetensors")
+def _in_threads(fn, size=2):
+    """fn(rank) in one thread per rank; the results by rank (the first error is raised again)."""
+    results, errors = [None] * size, []
+
+    def main(rank):
+        try:
+            results[rank] = fn(rank)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
-def test_loader_rejects_a_missing_tensor(ckpt_copy):
-    _edit(ckpt_copy, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj\.weight \[k\]"):
-        _load(ckpt_copy)
+@pytest.fixture(scope="module")
+def hf_last_logits(tiny_model):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in PROMPTS])
 
 
-def test_loader_rejects_an_unexpected_tensor(ckpt_copy):
-    _edit(ckpt_copy, lambda t: t.__setitem__("model.layers.9.mlp.extra.weight", torch.zeros(2)))
-    with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.extra\.weight"):
-        _load(ckpt_copy)
+def test_a_tp1_model_never_reads_torch_distributed_global_state(tiny_model, hf_last_logits, monkeypatch):
+    """Issue 13 item 1's root cause: the layers asked torch.distributed for the world size at run
+    time, so a TP=1 model in a process whose default group has 2 ranks thought it was sharded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model used torch.distributed's default group")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    for name in ("all_reduce", "gather", "all_gather", "broadcast"):
+        monkeypatch.setattr(dist, name, refuse)
+    model = Qwen3ForCausalLM(AutoConfig.from_pretrained(tiny_model), max_position=512).eval()
+    load_model(model, tiny_model)
+    _flat_context(PROMPTS)
+    try:
+        out = _last_logits(model, PROMPTS)
+    finally:
+        reset_context()
+    assert rel_err(out, hf_last_logits) < 1e-4
 
 
-def test_loader_rejects_a_wrong_shape(ckpt_copy):
-    _edit(ckpt_copy, lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros(64, 100)))
-    with pytest.raises(ValueError, match=r"down_proj\.weight.*\(64, 100\)"):
-        _load(ckpt_copy)
+def test_tp2_and_tp1_models_in_one_process_do_not_affect_each_other(tiny_model, hf_last_logits):
+    """A TP=2 model (two ranks as threads, each with its own gloo group, no default group) gives
+    transformers' logits on rank 0, before and after a TP=1 model is built and run beside it and a
+    default process group is created and destroyed (what closing another engine did)."""
+    cfg, store = AutoConfig.from_pretrained(tiny_model), dist.HashStore()
+
+    def build(rank):
+        group = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=60))
+        shard = Qwen3ForCausalLM(cfg, max_position=512, tp=TPGroup(rank, 2, group)).eval()
+        load_model(shard, tiny_model)
+        return shard
+
+    def run_tp2():
+        _flat_context(PROMPTS)
+        try:
+            return _in_threads(lambda rank: _last_logits(shards[rank], PROMPTS))
+        finally:
+            reset_context()
+
+    shards = _in_threads(build)
+    assert shards[0].model.embed_tokens.weight.shape[0] == -(-cfg.vocab_size // 2)  # really split
+    first, none = run_tp2()
+    assert rel_err(first, hf_last_logits) < 1e-4 and none is None
+    single = Qwen3ForCausalLM(cfg, max_position=512).eval()
+    load_model(single, tiny_model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _flat_context(PROMPTS)
+        try:
+            alone = _last_logits(single, PROMPTS)
+        finally:
+            reset_context()
+    finally:
+        dist.destroy_process_group()
+    assert rel_err(alone, hf_last_logits) < 1e-4
+    again, none = run_tp2()
+    assert torch.equal(again, first) and none is None
 
 
-def test_loader_rejects_a_wrong_dtype(ckpt_copy):
-    _edit(ckpt_copy, lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int32)))
-    with pytest.raises(ValueError, match=r"model\.norm\.weight.*int32"):
-        _load(ckpt_copy)
-
-
-def test_loader_rejects_a_truncated_file(ckpt_copy):
-    f = ckpt_copy / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="model.safetensors"):
-        _load(ckpt_copy)
-
-
-def test_unsupported_architecture_is_rejected_by_name(ckpt_copy):
-    from cleanvllm.config import Config
-    cfg = json.loads((ckpt_copy / "config.json").read_text())
-    cfg["architectures"] = ["MambaForCausalLM"]
-    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="MambaForCausalLM"):
-        Config(str(ckpt_copy))
+def test_tp_group_is_frozen_and_checked():
+    tp = TPGroup()
+    assert (tp.rank, tp.size, tp.group) == (0, 1, None)
+    with pytest.raises(AttributeError):
+        tp.rank = 1
+    with pytest.raises(ValueError, match="rank"):
+        TPGroup(rank=2, size=2)
+    with pytest.raises(RuntimeError, match="process group"):
+        TPGroup(0, 2).all_reduce(torch.ones(1))
