@@ -309,9 +309,8 @@ def _rmsnorm_kernel(
     x = tl.load(X + (row // heads) * stride_x + (row % heads) * D + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(
-            X.dtype.element_ty
-        )  # rounded like x + residual
+        # rounded like x + residual in PyTorch
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(RO + row * D + offs, x, mask=mask)
     xf = x.to(tl.float32)
     y = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / D + eps)).to(X.dtype.element_ty)
@@ -329,20 +328,9 @@ def rmsnorm_triton(
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ro = torch.empty_like(y) if residual is not None else y
     r = residual if residual is not None else x
-    _rmsnorm_kernel[(x.numel() // d,)](
-        x,
-        r,
-        weight,
-        y,
-        ro,
-        heads,
-        x.stride(0),
-        r.stride(0),
-        eps,
-        D=d,
-        D_PAD=triton.next_power_of_2(d),
-        HAS_RESIDUAL=residual is not None,
-    )
+    args = (x, r, weight, y, ro, heads, x.stride(0), r.stride(0), eps)
+    has_residual, d_pad = residual is not None, triton.next_power_of_2(d)
+    _rmsnorm_kernel[(x.numel() // d,)](*args, D=d, D_PAD=d_pad, HAS_RESIDUAL=has_residual)
     return y if residual is None else (y, ro)
 
 
