@@ -1,7 +1,4 @@
 """The engine end to end on the tiny checkpoint (CPU), against Hugging Face transformers."""
-import multiprocessing as mp
-import os
-
 import pytest
 import torch
 
@@ -14,7 +11,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 def prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 10000, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0: hf_greedy pads with 0
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +36,14 @@ def test_prefix_cache_hits_keep_outputs(llm, hf_model):
     seqs = []
     for p in ps:
         rid = llm.add_request(p, GREEDY)
-        seqs.append(llm.requests[rid][0])
+        seqs.append(llm.requests[rid].seq)
     outs = {}
     cached = {}
-    while not llm.is_finished():
+    while llm.has_unfinished_requests():
         for s in seqs:
             if s.seq_id not in cached and s.block_table:
                 cached[s.seq_id] = s.num_cached_tokens
-        for o in llm.step()[0]:
+        for o in llm.step():
             outs[o.request_id] = o
     assert all(c >= 32 for c in cached.values())  # the shared blocks were hits
     for s, p in zip(seqs, ps):
@@ -113,22 +110,81 @@ def test_string_prompts_and_chat(llm):
     assert chat[0].prompt == tmpl and "<think>" in tmpl  # Qwen3 writes an empty think block when off
 
 
-def _children():
-    return [p for p in mp.active_children()]
+def _stream(llm, requests):
+    """Add (prompt, params) requests, step to the end; return {request_id: [outputs in order]}."""
+    ids = [llm.add_request(p, sp) for p, sp in requests]
+    seen = {i: [] for i in ids}
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            seen[o.request_id].append(o)
+    return ids, seen
 
 
-def test_tensor_parallel_2_on_gloo_matches_tp1(tiny_model, hf_model):
-    ps = prompts([7, 25, 40])
-    with LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=256, tensor_parallel_size=2) as tp:
-        assert len(tp.workers) == 1 and tp.workers[0].is_alive()
-        outs = tp.generate(ps, GREEDY, use_tqdm=False)
-        worker = tp.workers[0]
-    assert not worker.is_alive()
-    assert not torch.distributed.is_initialized()
-    for p, o in zip(ps, outs):
-        assert o.token_ids == hf_greedy(hf_model, p, 32)
-    # a second TP engine in the same process, with a fresh rendezvous port
-    with LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=256, tensor_parallel_size=2) as tp2:
-        assert tp2.generate(ps[:1], GREEDY, use_tqdm=False)[0].token_ids == outs[0].token_ids
-    assert not _children()
-    assert not [f for f in os.listdir("/dev/shm") if "cleanvllm" in f] if os.path.isdir("/dev/shm") else True
+def test_step_reports_every_token_once_and_finishes_once(tiny_model, hf_model):
+    ps = prompts([40, 3, 25], seed=7)
+    lens = [5, 9, 2]
+    # 32-token budget: the 40-token prompt is prefilled in two chunks, the first gives no token
+    with LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=256,
+             max_num_batched_tokens=32) as llm:
+        ids, seen = _stream(llm, [(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                                  for p, n in zip(ps, lens)])
+        assert llm.step() == [] and not llm.has_unfinished_requests()
+        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    for rid, p, n in zip(ids, ps, lens):
+        outs = seen[rid]
+        ref = hf_greedy(hf_model, p, n)
+        assert [o.token_ids for o in outs] == [ref[:k] for k in range(1, n + 1)]  # one per token
+        assert [o.finished for o in outs] == [False] * (n - 1) + [True]
+        assert [o.finish_reason for o in outs] == [None] * (n - 1) + ["length"]
+        final = outs[-1].text
+        assert final == hf_model_tokenizer_decode(tiny_model, ref)
+        for o in outs:  # streamed text only grows, never shows half a character
+            assert final.startswith(o.text) and not o.text.endswith("\ufffd")
+
+
+def hf_model_tokenizer_decode(model_dir, ids):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
+
+
+def test_last_step_stats(llm):
+    ps = prompts([11, 6], seed=8)
+    for p in ps:
+        llm.add_request(p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    stats = []
+    while llm.has_unfinished_requests():
+        llm.step()
+        s = llm.last_step
+        stats.append((s.is_prefill, s.num_tokens, s.num_seqs))
+    assert stats == [(True, 17, 2), (False, 2, 2), (False, 2, 2)]
+
+
+def test_incremental_text_never_splits_a_character(llm):
+    from cleanvllm.engine import _Request
+    from cleanvllm.sequence import Sequence
+
+    text = "Snow \u2744 and \u96ea fall \U0001f389 done"
+    ids = llm.tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # some characters take several byte tokens
+    req = _Request(Sequence([0], GREEDY, 16), None)
+    shown = []
+    for t in ids:
+        req.seq.append_token(t)
+        llm._detokenize(req)
+        shown.append(req.text)
+    assert req.text == text
+    assert all(text.startswith(s) and not s.endswith("\ufffd") for s in shown)
+
+
+def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
+    p = prompts([9], seed=4)[0]
+    ref = hf_greedy(hf_model, p, 32)
+    full = llm.tokenizer.decode(ref, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 4]
+    _, seen = _stream(llm, [(p, SamplingParams(temperature=0, max_tokens=32, stop=[stop]))])
+    (outs,) = seen.values()
+    final = outs[-1]
+    assert final.finished and final.finish_reason == "stop"
+    assert final.text == full[: full.find(stop)]
+    assert all(final.text.startswith(o.text) for o in outs)  # nothing shown is taken back
