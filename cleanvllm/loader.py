@@ -31,10 +31,10 @@ def declared_dtype(path: str | Path) -> torch.dtype | None:
 
 def route(name: str, packed: dict) -> tuple[str, object]:
     """Our parameter and part for a checkpoint tensor: 'a.k_proj.weight' -> ('a.qkv_proj.weight', 'k')."""
-    *path, module, kind = name.split(".")
-    if module in packed:
-        ours, shard = packed[module]
-        return ".".join([*path, ours, kind]), shard
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in packed:
+        ours, shard = packed[parts[-2]]
+        return ".".join([*parts[:-2], ours, parts[-1]]), shard
     return name, None
 
 
@@ -55,8 +55,9 @@ def load_tensor(
         raise ValueError(f"tensor {name} has dtype {tensor.dtype}, expected floats")
     if dtype is not None and tensor.dtype != dtype:
         raise ValueError(
-            f"tensor {name} has dtype {tensor.dtype}, but the checkpoint's weights "
-            f"are {dtype}: refusing a mixed-precision checkpoint (broken conversion?)"
+            f"tensor {name} has dtype {tensor.dtype}, but the checkpoint's weights are "
+            f"{dtype} (config.json's torch_dtype, else the first tensor's): refusing "
+            "a mixed-precision checkpoint (a broken conversion?)"
         )
     target, shard = route(name, packed)
     if target not in params:
