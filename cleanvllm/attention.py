@@ -434,7 +434,11 @@ def resolve_backend(name: str, device: str) -> str:
         raise ValueError(f"unknown attention backend {name!r}: 'auto' or one of {list(BACKENDS)}")
     if name == "flash" and not flash_attn_available():
         raise ValueError("attention backend 'flash': flash-attn does not import")
-    if name == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        name == "triton"
+        and not torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         raise ValueError("attention backend 'triton' needs CUDA (or TRITON_INTERPRET=1 on a CPU)")
     return name
 
