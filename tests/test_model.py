@@ -31,15 +31,15 @@ def ours_vs_hf(path, prompts, chunk=None, bs=16):
             out = model.compute_logits(model(torch.tensor(sum(prompts, [])), pos)[cu[1:] - 1])
             reset_context()
             return out, ref
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         nblk = sum(-(-len(p) // bs) for p in prompts) + 1
         perm = torch.randperm(nblk, generator=torch.Generator().manual_seed(0)).tolist()
         tables, i = [], 0
         for p in prompts:
             n = -(-len(p) // bs); tables.append(perm[i:i + n]); i += n
         for layer in model.model.layers:
-            layer.self_attn.attn.k_cache = torch.zeros(nblk, bs, cfg.num_key_value_heads, head_dim)
-            layer.self_attn.attn.v_cache = torch.zeros(nblk, bs, cfg.num_key_value_heads, head_dim)
+            attn = layer.self_attn.attn  # its own KV head count and head size
+            attn.k_cache = torch.zeros(nblk, bs, attn.num_kv_heads, attn.head_dim)
+            attn.v_cache = torch.zeros(nblk, bs, attn.num_kv_heads, attn.head_dim)
         width = max(map(len, tables))
         bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables])
         for starts, ends in [([0] * len(prompts), [min(chunk, len(p) - 1) for p in prompts]),
