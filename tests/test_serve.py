@@ -1,0 +1,276 @@
+"""The OpenAI-compatible server (chapter 11), driven by the real `openai` client on the tiny model.
+
+Most tests share one server running in a thread of this process, so that they can look inside its
+engine (KV blocks, aborts); the SIGTERM test starts `python -m cleanvllm.serve` as a subprocess.
+References come from the offline engine (`LLM.generate`/`LLM.chat`, itself checked against
+transformers in test_engine.py), computed before the server owns the engine.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from cleanvllm.engine import LLM  # noqa: E402
+from cleanvllm.model_runner import free_port  # noqa: E402
+from cleanvllm.sampling_params import SamplingParams  # noqa: E402
+from cleanvllm.serve import AsyncEngine, ServerState, build_app, launch, wait_ready  # noqa: E402
+
+MAX_MODEL_LEN = 512
+NAME = "tiny"
+N = 16  # completion tokens of the greedy cases
+PROMPTS = [f"Request {i}: " + "tell me more " * (i % 5) + f"about {i * 37}" for i in range(16)]
+GREEDY = dict(temperature=0, max_tokens=N, ignore_eos=True)
+# vLLM's extra sampling fields, each compared with SamplingParams of the same fields offline
+EXTRA = [
+    dict(temperature=1.0, top_k=1, max_tokens=N),  # top_k=1 is greedy whatever the temperature
+    dict(temperature=0.8, top_k=50, min_p=0.05, seed=7, max_tokens=N),
+    dict(temperature=0, min_tokens=6, max_tokens=N),
+]
+CHAT = [[{"role": "user", "content": "Hi! Who are you?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=MAX_MODEL_LEN,
+              max_num_seqs=32)
+    refs = {"greedy": llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)}
+    text0 = refs["greedy"][0].text
+    stop = text0[len(text0) // 3: len(text0) // 3 + 3]  # a stop string in the middle of the text
+    refs["stop"] = (stop, llm.generate(PROMPTS[0], SamplingParams(**GREEDY, stop=[stop]),
+                                       use_tqdm=False)[0])
+    stop_id = refs["greedy"][1].token_ids[5]
+    refs["stop_id"] = (stop_id, llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=N,
+                       stop_token_ids=[stop_id]), use_tqdm=False)[0])
+    refs["extra"] = [llm.generate(PROMPTS[2], SamplingParams(**p), use_tqdm=False)[0] for p in EXTRA]
+    refs["chat"] = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=N), use_tqdm=False)
+    import uvicorn
+
+    state = ServerState(AsyncEngine(llm), AutoTokenizer.from_pretrained(tiny_model), NAME,
+                        MAX_MODEL_LEN)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, timeout=60)
+    yield url, llm, state, refs
+    srv.should_exit = True
+    thread.join(30)
+    llm.close()
+    assert not thread.is_alive(), "the server thread did not stop"
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_health_and_models(server):
+    url = server[0]
+    assert httpx.get(url + "/health").status_code == 200
+    assert [m.id for m in client(url).models.list()] == [NAME]
+
+
+def test_greedy_completion_streamed_and_not_match_offline(server, tiny_model):
+    url, _, _, refs = server
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    c = client(url)
+    for prompt, ref in list(zip(PROMPTS, refs["greedy"]))[:3]:
+        whole = c.completions.create(model=NAME, prompt=prompt, extra_body={"ignore_eos": True},
+                                     max_tokens=N, temperature=0)
+        assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == "length"
+        assert whole.usage.prompt_tokens == len(tok.encode(prompt))
+        assert whole.usage.completion_tokens == N and whole.usage.total_tokens == N + whole.usage.prompt_tokens
+        chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}))
+        pieces = [ch.choices[0].text for ch in chunks if ch.choices]
+        # equal concatenation: no chunk split a UTF-8 character (it would carry a U+FFFD of its own)
+        assert "".join(pieces) == ref.text
+        assert len(pieces) > 3, "the text should arrive in many chunks, not at the end"
+        assert chunks[-1].usage.completion_tokens == N and not chunks[-1].choices
+    # a prompt given as token ids
+    ids = tok.encode(PROMPTS[3])
+    whole = c.completions.create(model=NAME, prompt=ids, max_tokens=N, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == refs["greedy"][3].text
+
+
+def test_chat_streamed_and_not_match_offline(server):
+    url, _, _, refs = server
+    c = client(url)
+    for messages, ref in zip(CHAT, refs["chat"]):
+        whole = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, temperature=0)
+        assert whole.choices[0].message.content == ref.text
+        assert whole.choices[0].message.role == "assistant"
+        assert whole.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert whole.usage.completion_tokens == len(ref.token_ids)
+        chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=N,
+                                                temperature=0, stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.text
+        assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_stop_string_is_never_streamed(server):
+    url, _, _, refs = server
+    stop, ref = refs["stop"]
+    chunks = list(client(url).completions.create(
+        model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0, stop=[stop], stream=True,
+        extra_body={"ignore_eos": True}))
+    text = "".join(ch.choices[0].text for ch in chunks)
+    assert ref.finish_reason == "stop" and stop not in ref.text
+    assert text == ref.text and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_vllm_sampling_fields(server):
+    url, _, _, refs = server
+    c = client(url)
+    greedy = c.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=N, temperature=0)
+    for fields, ref in zip(EXTRA, refs["extra"]):
+        extra = {k: v for k, v in fields.items() if k not in ("temperature", "max_tokens", "seed")}
+        out = c.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=N, seed=fields.get("seed"),
+                                   temperature=fields["temperature"], extra_body=extra)
+        assert out.choices[0].text == ref.text, fields
+    assert refs["extra"][0].text == greedy.choices[0].text  # top_k=1 really reached the sampler
+    stop_id, ref = refs["stop_id"]
+    out = c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=N, temperature=0,
+                               extra_body={"stop_token_ids": [stop_id]})
+    assert ref.finish_reason == "stop" and len(ref.token_ids) < N
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_16_concurrent_streams(server):
+    url, _, state, refs = server
+
+    async def one(c, prompt):
+        stream = await c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        return "".join([ch.choices[0].text async for ch in stream])
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        return await asyncio.wait_for(asyncio.gather(*(one(c, p) for p in PROMPTS)), 60)
+
+    state.engine.step_log.clear()
+    texts = asyncio.run(main())
+    assert texts == [r.text for r in refs["greedy"]]
+    assert max(n for _, n in state.engine.step_log) > 1, "concurrent requests should share steps"
+
+
+def test_errors_get_openai_json_and_the_right_status(server):
+    url = server[0]
+    c = client(url)
+    cases = [
+        (openai.NotFoundError, 404, dict(model="gpt-9", prompt="hi")),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", temperature=-1)),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", extra_body={"top_k": 0})),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi " * MAX_MODEL_LEN)),  # too long
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", max_tokens=MAX_MODEL_LEN)),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", n=2)),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", stream=True, temperature=-1)),
+    ]
+    for cls, status, kwargs in cases:
+        with pytest.raises(cls) as e:
+            c.completions.create(**kwargs)
+        assert e.value.status_code == status, kwargs
+        assert e.value.body["message"] and e.value.body["type"], e.value.body
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-9", messages=CHAT[0])
+    for body in ("{'model': oops", '{"model": "tiny", "prompt": "hi", "max_tokens": "many"}',
+                 '{"prompt": "no model"}', "[1, 2]"):
+        r = httpx.post(url + "/v1/completions", content=body,
+                       headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422) and r.json()["error"]["message"], (body, r.text)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": "not a list"})
+    assert r.status_code in (400, 422) and "error" in r.json()
+    ok = c.completions.create(model=NAME, prompt="still there?", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2, "the server must keep serving after errors"
+
+
+def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
+    url, llm, _, refs = server
+    total = llm.runner.num_kvcache_blocks
+    aborted = []
+    real_abort = llm.abort_request
+    monkeypatch.setattr(llm, "abort_request", lambda rid: (aborted.append(rid), real_abort(rid)))
+    body = {"model": NAME, "prompt": "Count forever:", "max_tokens": MAX_MODEL_LEN - 16,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        for _ in range(5):
+            next(lines)
+    rid = int(first.split('"id": "cmpl-')[1].split('"')[0])
+    deadline = time.monotonic() + 20
+    while llm.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted == [rid], "the hung-up request was not aborted"
+    assert not llm.has_unfinished_requests()
+    assert llm.block_manager.num_free_blocks == total, "the aborted request kept KV blocks"
+    out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].text == refs["greedy"][0].text
+
+
+def test_sigterm_stops_the_server(tiny_model, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w+")
+    proc = launch(tiny_model, port, "--threads", "1", "--max-model-len", str(MAX_MODEL_LEN), log=log)
+    try:
+        wait_ready(url, proc, timeout=90)
+        c = client(url)
+        (model,) = [m.id for m in c.models.list()]
+        assert model == tiny_model  # the served name defaults to MODEL, as in vLLM
+        reply = c.chat.completions.create(model=model, messages=CHAT[0], max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4
+        stream = httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+            "model": model, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True})
+        with stream as r:  # SIGTERM while a stream is open
+            next(r.iter_lines())
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        print(log.read()[-3000:])
+    assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+    with pytest.raises(ConnectionRefusedError):  # nobody listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.socket() as s:  # and a new server could take it (as uvicorn does: SO_REUSEADDR)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    for pid in map(int, kids.stdout.split()):  # whatever the server started is gone too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_bench_cli_parses_and_reports(server):
+    """The serving benchmark against the running server: every request counted, numbers finite."""
+    from cleanvllm.serve import bench_serving
+
+    url = server[0]
+    row = asyncio.run(bench_serving(url, NAME, rate=50.0, num_prompts=6, input_len=8, output_len=5))
+    assert row["requests"] == 6 and row["output_tok_s"] > 0
+    assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+    assert row["output_tok_s"] == pytest.approx(6 * 5 / row["duration_s"], rel=0.02)
+
