@@ -1,0 +1,208 @@
+"""The model runner (contract 5): one return contract for execute, KV sizing, the warm-up path,
+the tensor-parallel group lifecycle and the worker protocol. CPU, tiny model."""
+
+import json
+import multiprocessing as mp
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cleanvllm.config import Config
+from cleanvllm.context import get_context
+from cleanvllm.model_runner import ModelRunner, StepBatch, free_port, prepare_batch, run_worker
+from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.sequence import Sequence
+from conftest import hf_greedy
+
+BS = 16
+
+
+def config(tiny_model, **kw) -> Config:
+    base = dict(kvcache_block_size=BS, max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128,
+                dtype="float32", device="cpu")
+    return Config(tiny_model, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    r = ModelRunner(config(tiny_model))
+    yield r
+    r.release()
+
+
+@pytest.fixture
+def external_group():
+    """A process group this test made (not a runner): world of one rank, gloo."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decode(runner, prompts, params, steps, chunk=None):
+    """Drive the runner like a scheduler: prefill (in chunks of `chunk` tokens), then decode.
+    Blocks are assigned by hand, contiguous per sequence. Returns the completions."""
+    per = -(-(max(map(len, prompts)) + steps) // runner.block_size)
+    seqs = [Sequence(p, sp, block_size=runner.block_size) for p, sp in zip(prompts, params)]
+    for i, s in enumerate(seqs):
+        s.block_table = list(range(i * per, (i + 1) * per))
+    while any(s.num_completion_tokens < steps for s in seqs):
+        prefill = any(s.num_cached_tokens < len(s) - 1 or s.num_cached_tokens == 0 for s in seqs)
+        for s in seqs:
+            left = len(s) - s.num_cached_tokens
+            s.num_scheduled_tokens = min(left, chunk or left) if prefill else 1
+        tokens = runner.execute(prepare_batch(seqs, prefill, runner.block_size))
+        assert isinstance(tokens, list) and len(tokens) == len(seqs)
+        assert all(isinstance(t, int) for t in tokens)
+        for s, t in zip(seqs, tokens):
+            s.num_cached_tokens += s.num_scheduled_tokens
+            if s.num_cached_tokens == len(s):  # a chunk that ends the prompt: its token counts
+                s.append_token(t)
+    return seqs
+
+
+def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf_model):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 10000, (n,), generator=g).tolist() for n in (5, 37)]
+    greedy = [SamplingParams(temperature=0, max_tokens=10)] * 2
+    for chunk in (None, 16):  # one prefill step, or prefill in 16-token chunks
+        seqs = decode(runner, prompts, greedy, 10, chunk)
+        for s, p in zip(seqs, prompts):
+            got = s.completion_token_ids  # (with chunks, the short prompt runs ahead a little)
+            assert len(got) >= 10 and got == hf_greedy(hf_model, p, len(got)), f"chunk={chunk}"
+
+
+def test_seeded_tokens_ignore_chunking_and_neighbours_and_no_generator_is_attached(runner):
+    g = torch.Generator().manual_seed(1)
+    p, other = (torch.randint(0, 10000, (n,), generator=g).tolist() for n in (40, 9))
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=8)
+    alone = decode(runner, [p], [sp], 8)
+    chunked = decode(runner, [other, p], [SamplingParams(max_tokens=8), sp], 8, chunk=16)
+    assert alone[0].completion_token_ids == chunked[1].completion_token_ids
+    assert not any(hasattr(s, "generator") for s in alone + chunked), "no generator on Sequence"
+
+
+def test_min_tokens_through_the_runner(runner, hf_model):
+    p = torch.randint(0, 10000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        top2 = hf_model(torch.tensor([p])).logits[0, -1].topk(2).indices.tolist()
+    sp = SamplingParams(temperature=0, min_tokens=1, max_tokens=4, stop_token_ids=[top2[0]])
+    assert decode(runner, [p], [sp], 1)[0].completion_token_ids == [top2[1]]
+
+
+def test_kv_sizing_on_the_cpu_follows_the_budget_and_the_cap(tiny_model):
+    raw = json.loads((Path(tiny_model) / "config.json").read_text())
+    block = 2 * raw["num_hidden_layers"] * BS * raw["num_key_value_heads"] * raw["head_dim"] * 4  # float32
+    r = ModelRunner(config(tiny_model, cpu_kvcache_bytes=20 * block + 5))
+    assert r.block_bytes() == block and r.num_kvcache_blocks == 20  # the budget decides
+    assert r.kv_cache.shape[2] == 20 and "20 blocks" in r.memory_budget
+    r.release()
+    r = ModelRunner(config(tiny_model))  # 1 GiB: the cap of max_num_seqs full sequences decides
+    assert r.num_kvcache_blocks == 4 * (128 // BS)
+    r.release()
+    with pytest.raises(ValueError, match="cannot hold one sequence of max_model_len=128"):
+        ModelRunner(config(tiny_model, num_kvcache_blocks=7))
+
+
+def test_warmup_runs_the_configured_backend_on_a_paged_cache(runner):
+    """Issue 12 item 7: the warm-up used to run a cache-less PyTorch path whatever the backend."""
+    seen = []
+
+    def look(module, args):
+        ctx = get_context()
+        seen.append((module.backend, module.k_cache.numel() > 0, ctx.block_tables is not None, ctx.is_prefill))
+
+    hooks = [layer.self_attn.attn.register_forward_pre_hook(look) for layer in runner.model.model.layers]
+    try:
+        runner._warmup()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and all(s == (runner.config.attention_backend, True, True, True) for s in seen), seen
+    assert runner.kv_cache.shape[2] == 0  # the scratch cache is given back
+
+
+def test_tp_runner_refuses_when_torch_distributed_is_initialized(tiny_model, external_group):
+    with pytest.raises(RuntimeError, match="One tensor-parallel engine per process"):
+        ModelRunner(config(tiny_model, tensor_parallel_size=2), 0, free_port())
+    assert dist.is_initialized(), "the refusal must leave the other group alone"
+
+
+def test_release_leaves_a_group_it_did_not_create(tiny_model, external_group):
+    r = ModelRunner(config(tiny_model))
+    r.release()
+    assert dist.is_initialized()
+
+
+def _protocol(cfg) -> list:
+    ours, theirs = mp.Pipe()
+    t = threading.Thread(target=run_worker, args=(cfg, 0, None, theirs))
+    t.start()
+    got = [ours.recv()]
+    if got[0][0] == "ready":
+        s = Sequence(list(range(1, 20)), block_size=BS)
+        s.block_table, s.num_scheduled_tokens = [0, 1], len(s)
+        ours.send(prepare_batch([s], True, BS))
+        ours.send(None)
+    t.join(60)
+    assert not t.is_alive(), "the worker loop must end on None"
+    return got
+
+
+def test_run_worker_protocol(tiny_model):
+    assert _protocol(config(tiny_model)) == [("ready", None)]
+    (kind, text), = _protocol(config(tiny_model, num_kvcache_blocks=2))
+    assert kind == "error" and "ValueError" in text and "max_model_len" in text
+
+
+def test_tensor_parallel_worker_matches_one_rank(tiny_model, hf_model):
+    """TP=2 on gloo: rank 1 in a spawned process running run_worker, rank 0 here. Same greedy tokens
+    as transformers; rank 0's release destroys the group it created, and only that."""
+    cfg = config(tiny_model, tensor_parallel_size=2)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    worker = ctx.Process(target=run_worker, args=(cfg, 1, port, theirs), daemon=True)
+    worker.start()
+    try:
+        r0 = ModelRunner(cfg, 0, port)
+        assert ours.poll(120) and ours.recv() == ("ready", None)
+        p = torch.randint(0, 10000, (21,), generator=torch.Generator().manual_seed(4)).tolist()
+        seq = Sequence(p, SamplingParams(temperature=0), block_size=BS)
+        seq.block_table = [0, 1, 2]
+        out = []
+        for step in range(6):
+            seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+            batch = prepare_batch([seq], step == 0, BS)
+            ours.send(batch)
+            tokens = r0.execute(batch)
+            seq.num_cached_tokens = len(seq)
+            seq.append_token(tokens[0])
+            out.append(tokens[0])
+        assert out == hf_greedy(hf_model, p, 6)
+        ours.send(None)
+        worker.join(60)
+        assert worker.exitcode == 0
+        r0.release()
+        assert not dist.is_initialized(), "rank 0 must destroy the group it created"
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_step_batch_carries_what_the_sampler_needs():
+    s = Sequence([1, 2, 3], SamplingParams(min_tokens=2, seed=5), block_size=BS)
+    s.block_table, s.num_cached_tokens, s.num_scheduled_tokens = [4], 0, 3
+    b = prepare_batch([s], True, BS)
+    assert isinstance(b, StepBatch) and b.params[0].seed == 5 and b.num_generated == [0]
+    assert b.slot_mapping == [64, 65, 66] and b.positions == [0, 1, 2] and b.cu_seqlens_q == [0, 3]
+    s.append_token(9)
+    s.append_token(8)
+    s.num_cached_tokens, s.num_scheduled_tokens = 4, 1
+    b = prepare_batch([s], False, BS)
+    assert b.num_generated == [2] and b.positions == [4] and b.input_ids == [8] and b.slot_mapping == [68]
