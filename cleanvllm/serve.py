@@ -49,9 +49,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, idle_wait: float = 0.05):
         self.engine = engine
         self.idle_wait = idle_wait  # seconds an idle engine thread waits for a command at a time
-        self.inbox: queue.Queue = (
-            queue.Queue()
-        )  # ("add", h, ids, params), ("abort", h), ("wake", None)
+        # commands: ("add", handle, prompt, params), ("abort", handle), ("wake", None)
+        self.inbox: queue.Queue = queue.Queue()
         self.live: dict[int, Handle] = {}  # request id -> handle, for requests inside the engine
         self.step_log: deque = deque(maxlen=100_000)  # (time, requests in the step) per step
         self._stop = threading.Event()
@@ -77,7 +76,7 @@ class AsyncEngine:
                     h.request_id = self.engine.add_request(*args)
                     self.live[h.request_id] = h
                     self._deliver(h, h.request_id)
-                except ValueError as e:  # the engine refused the request: tell the handler
+                except Exception as e:  # the engine refused the request (ValueError): tell the handler
                     self._deliver(h, e)
             elif kind == "abort" and h.request_id in self.live:
                 self.engine.abort_request(h.request_id)  # frees the request's KV blocks
@@ -404,9 +403,14 @@ def chat_chunk(request_id: str, model: str, created: int):
 async def chat_completions(body: ChatRequest, request: Request):
     s: ServerState = request.app.state.server
     s.check_model(body.model)
+    messages = [  # content given as a list of parts: keep the text parts
+        {**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
+        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+        for m in body.messages
+    ]  # fmt: skip
     try:
         prompt = s.tokenizer.apply_chat_template(
-            body.messages, tokenize=False, add_generation_prompt=True,
+            messages, tokenize=False, add_generation_prompt=True,
             **(body.chat_template_kwargs or {}),
         )  # fmt: skip
     except Exception as e:
@@ -582,8 +586,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         print(" | ".join(str(v) for v in row.values()))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                       else "cpu", "url": url, "model": model, "rows": rows}, f, indent=2)  # fmt: skip
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            rows_out = [{**r, "rate": str(r["rate"])} for r in rows]  # JSON has no infinity
+            json.dump({"device": device, "url": url, "model": model, "rows": rows_out}, f, indent=2)
     return rows
 
 
