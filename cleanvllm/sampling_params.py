@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy (logits / 1e-38 overflow), as in vLLM
-SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what torch.Generator.manual_seed takes anywhere
+SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): non-negative, fit a signed 64-bit integer
 
 
 def is_int(x) -> bool:

@@ -120,8 +120,14 @@ def prepared_checkpoint(name: str, write, done_file: str = "model.safetensors") 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        if path.exists() and not (path / done_file).is_file():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / done_file).is_file():
+                raise
     return path
 
 

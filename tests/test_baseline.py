@@ -99,3 +99,28 @@ def test_tiny_checkpoint_is_deterministic(tiny_model, tmp_path):
     cached = load_file(f"{tiny_model}/model.safetensors")
     assert fresh.keys() == cached.keys()
     assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
+
+
+def test_prepared_checkpoint_keeps_the_first_complete_copy(tmp_path, monkeypatch):
+    """Two processes preparing the cache at once (parallel tests): the one that finishes second
+    must not delete the copy the first one finished (and someone may already be reading)."""
+    import itertools
+
+    from cleanvllm import tiny
+
+    monkeypatch.setenv("CLEANVLLM_CACHE", str(tmp_path))
+    pids = itertools.count(1000)
+    monkeypatch.setattr(tiny.os, "getpid", lambda: next(pids))
+
+    def writer(label, during=None):
+        def write(p):
+            p.mkdir(parents=True)
+            (p / "model.safetensors").write_text(label)
+            if during:
+                during()  # the other process runs to completion meanwhile
+        return write
+
+    first_done = lambda: tiny.prepared_checkpoint("ckpt", writer("first"))  # noqa: E731
+    path = tiny.prepared_checkpoint("ckpt", writer("second", during=first_done))
+    assert (path / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary folder left behind"
