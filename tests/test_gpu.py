@@ -49,3 +49,40 @@ def test_greedy_parity_with_transformers_on_gpu(tiny_model, dtype):
         report.append((len(p), i, margin))
         assert dtype == "bfloat16" and margin < 0.15, f"prompt of {len(p)}: diverged at {i} with margin {margin}"
     print("divergences (prompt length, position, HF top-2 margin):", report)
+
+
+def test_graph_path_sampling_semantics(tiny_model):
+    """On the CUDA-graph path: temperature 1e-38 is greedy (the graph's own sampler), a seeded
+    request ignores its neighbours, and min_tokens keeps a stop token out (issue 13 items 4-6)."""
+    p = _prompts([30])[0]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_tokens=16, ignore_eos=True)
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    with LLM(tiny_model, max_model_len=1024, dtype="float32") as llm:
+        assert llm.runner.graphs and "GiB" in llm.runner.memory_budget
+        want = llm.generate([p], greedy, use_tqdm=False)[0].token_ids
+        tiny = llm.generate([p], SamplingParams(temperature=1e-38, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        alone = llm.generate([p], seeded, use_tqdm=False)[0].token_ids
+        crowd = llm.generate(_prompts([5, 40, 12], 1) + [p], [others] * 3 + [seeded], use_tqdm=False)[3].token_ids
+        stop = SamplingParams(temperature=0, min_tokens=4, max_tokens=8, stop_token_ids=[want[0]])
+        masked = llm.generate([p], stop, use_tqdm=False)[0].token_ids
+    assert tiny[0].token_ids == want
+    assert alone == crowd
+    assert want[0] not in masked[:4]
+
+
+def test_warmup_measures_activations_on_the_configured_backend(tiny_model):
+    from cleanvllm.config import Config
+    from cleanvllm.model_runner import ModelRunner
+
+    r = ModelRunner(Config(tiny_model, max_model_len=1024, max_num_batched_tokens=1024, dtype="float32"))
+    try:
+        seen = []
+        hooks = [layer.self_attn.attn.register_forward_pre_hook(lambda m, a: seen.append(m.backend))
+                 for layer in r.model.model.layers]
+        workspace = r._warmup()
+        for h in hooks:
+            h.remove()
+        assert workspace > 0 and set(seen) == {r.config.attention_backend} != {"torch"}
+    finally:
+        r.release()

@@ -107,8 +107,9 @@ def test_kv_sizing_on_the_cpu_follows_the_budget_and_the_cap(tiny_model):
         ModelRunner(config(tiny_model, num_kvcache_blocks=7))
 
 
-def test_warmup_runs_the_configured_backend_on_a_paged_cache(runner):
+def test_warmup_runs_the_configured_backend_on_a_paged_cache(tiny_model):
     """Issue 12 item 7: the warm-up used to run a cache-less PyTorch path whatever the backend."""
+    runner = ModelRunner(config(tiny_model))  # its own: the warm-up replaces the KV cache
     seen = []
 
     def look(module, args):
@@ -123,6 +124,7 @@ def test_warmup_runs_the_configured_backend_on_a_paged_cache(runner):
             h.remove()
     assert seen and all(s == (runner.config.attention_backend, True, True, True) for s in seen), seen
     assert runner.kv_cache.shape[2] == 0  # the scratch cache is given back
+    runner.release()
 
 
 def test_tp_runner_refuses_when_torch_distributed_is_initialized(tiny_model, external_group):
