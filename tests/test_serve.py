@@ -56,6 +56,8 @@ def server(tiny_model):
                        stop_token_ids=[stop_id]), use_tqdm=False)[0])
     refs["extra"] = [llm.generate(PROMPTS[2], SamplingParams(**p), use_tqdm=False)[0] for p in EXTRA]
     refs["chat"] = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=N), use_tqdm=False)
+    refs["no_think"] = llm.chat(CHAT[0], SamplingParams(temperature=0, max_tokens=N),
+                                enable_thinking=False, use_tqdm=False)[0]
     import uvicorn
 
     state = ServerState(AsyncEngine(llm), AutoTokenizer.from_pretrained(tiny_model), NAME,
@@ -123,6 +125,12 @@ def test_chat_streamed_and_not_match_offline(server):
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.text
         assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+    # the template's options (Qwen3's enable_thinking) and OpenAI's list-of-parts content
+    parts = [{**CHAT[0][0], "content": [{"type": "text", "text": CHAT[0][0]["content"]}]}]
+    whole = c.chat.completions.create(model=NAME, messages=parts, max_tokens=N, temperature=0,
+                                      extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert whole.choices[0].message.content == refs["no_think"].text
+    assert refs["no_think"].prompt_token_ids != refs["chat"][0].prompt_token_ids
 
 
 def test_stop_string_is_never_streamed(server):
