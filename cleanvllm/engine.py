@@ -11,9 +11,6 @@ import operator
 import signal
 import threading
 import time
-
-# TEMP: a stand-in until chapter 7 exports run_worker (contract 5)
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +21,7 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import ModelRunner, free_port, prepare_batch
+from cleanvllm.model_runner import ModelRunner, free_port, prepare_batch, run_worker
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence
@@ -103,6 +100,7 @@ class LLMEngine:
         self.last_step: StepStats | None = None
 
     def _eos_ids(self) -> list[int]:
+        """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
         ids = set()
         for name in ("generation_config.json", "config.json"):
             path = Path(self.config.model) / name
@@ -198,7 +196,6 @@ class LLMEngine:
             with _sigint_deferred():
                 seqs, is_prefill = self.scheduler.schedule()
                 batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-                self._seqs = seqs  # TEMP
                 token_ids = self._execute(batch)
                 lengths = [len(seq) for seq in seqs]
                 self.scheduler.postprocess(seqs, token_ids)
@@ -207,6 +204,8 @@ class LLMEngine:
                         out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
                         if out is not None:
                             outputs[seq.seq_id] = out
+                        if seq.is_finished:  # reported: the engine forgets it
+                            del self.requests[seq.seq_id]
         except BaseException:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
@@ -221,10 +220,6 @@ class LLMEngine:
             self._send(rank, conn, batch)
         try:
             token_ids = self.runner.execute(batch)
-            if isinstance(token_ids, tuple):  # TEMP: chapter 7's runner before contract 5
-                logits, token_ids = token_ids
-                if token_ids is None:
-                    token_ids = self.runner.sample(logits, self._seqs)
         except Exception:
             self._check_workers()  # a dead worker explains the failure better: raise naming it
             raise
@@ -248,7 +243,7 @@ class LLMEngine:
         if sp.stop or not quiet or seq.is_finished:
             old = len(req.text)
             self._detokenize(req)
-            if sp.stop and seq.num_completion_tokens >= sp.min_tokens:
+            if sp.stop and req.stop_at is None and seq.num_completion_tokens >= sp.min_tokens:
                 start = max(0, old - max(map(len, sp.stop)) + 1)
                 hits = [i for i in (req.text.find(s, start) for s in sp.stop) if i != -1]
                 if hits:
@@ -258,7 +253,6 @@ class LLMEngine:
                     else:
                         self.scheduler.finish(seq, "stop")
         if seq.is_finished:
-            del self.requests[seq.seq_id]
             if req.stop_at is None:
                 self._detokenize(req, final=True)
             text = req.text[: req.stop_at]  # text[:None] is the whole text
@@ -292,9 +286,10 @@ class LLMEngine:
         for rid, req in list(self.requests.items()):  # finished in the step but not reported
             if req.seq.is_finished:
                 self.unreported[rid] = self._update(req)
+                del self.requests[rid]
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in input order. Every request is checked first."""
+    def _new_requests(self, prompts, sampling_params) -> list[_Request]:
+        """One _Request per prompt, every one checked; nothing is added to the engine yet."""
         if not isinstance(prompts, (list, tuple)) or all(isinstance(t, int) for t in prompts):
             prompts = [prompts]  # one prompt: a string, a dict or a list of token ids
         if isinstance(sampling_params, (list, tuple)):
@@ -311,6 +306,11 @@ class LLMEngine:
             token_ids, text = self.parse_prompt(prompt, i)
             self.check_request(token_ids, sp, i)
             reqs.append(self._new_request(token_ids, sp, text))
+        return reqs
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in input order. Every request is checked first."""
+        reqs = self._new_requests(prompts, sampling_params)  # checks all before any is added
         mine = {req.seq.seq_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -368,15 +368,15 @@ class LLMEngine:
             pass
         try:
             kind, info = conn.recv() if conn.poll() else (None, None)
-        except (EOFError, OSError):  # the worker died and its end of the pipe closed
+        except (EOFError, OSError):  # the worker died: its end of the pipe closed
             kind, info = None, None
+            proc.join(5)  # let it finish dying, to report its exit code
         if kind == want:
             return
         if kind == "error":
             raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {info}")
         if proc.is_alive():
             raise RuntimeError(f"tensor-parallel worker rank {rank} did not get {want} in {timeout} s")
-        proc.join(1)
         hint = ""
         if want == "alive":
             hint = (
@@ -387,6 +387,8 @@ class LLMEngine:
         raise RuntimeError(f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}{hint}")
 
     def _send(self, rank: int, conn, batch) -> None:
+        if not self.workers[rank - 1].is_alive():
+            self._check_workers()
         try:
             conn.send(batch)
         except OSError:  # broken pipe: the worker is gone
@@ -441,35 +443,6 @@ class LLMEngine:
             self.close()
         except Exception:
             pass
-
-
-try:
-    from cleanvllm.model_runner import run_worker
-except ImportError:
-
-    def run_worker(config, rank, port, conn) -> None:
-        try:
-            runner = ModelRunner(config, rank, port)
-            conn.send(("ready", None))
-            while True:
-                try:
-                    batch = conn.recv()
-                except EOFError:
-                    break
-                if batch is None:
-                    break
-                runner.execute(batch)
-        except BaseException as e:
-            try:
-                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-            except Exception:
-                pass
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    if __name__ == "__main__":  # TEMP: in the notebook, the exported copy (picklable)
-        from cleanvllm.engine import run_worker
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -28,14 +28,21 @@ def llm(tiny_model):
     ([[1, -3]], GREEDY, r"token id -3"),
     ([[1], [2]], [GREEDY], r"2 prompts but 1 sampling params"),
     ([[1]], ["greedy"], r"sampling_params for prompt 0 must be a SamplingParams"),
-    ([3.5], GREEDY, r"prompt 0 must be a string or a list of token ids"),
+    ([3.5], GREEDY, r"prompt 0 must be a string, a list of token ids"),
+    # issue 13 item 8: None, a bare int, booleans, bad dicts: ValueErrors naming the prompt
+    (None, GREEDY, r"prompt 0 must be a string, a list of token ids"),
+    (5, GREEDY, r"prompt 0 must be a string, a list of token ids"),
+    ([[1, 2], None], GREEDY, r"prompt 1 must be"),
+    ([[1, 2], [3, True]], GREEDY, r"prompt 1 must be"),
+    ([{"prompt": 3}], GREEDY, r"prompt 0 must be"),
+    ([[1], {"text": "hi"}], GREEDY, r"prompt 1 is a dict with keys \['text'\]"),
 ])
 def test_bad_requests_fail_before_any_work_and_engine_stays_usable(llm, prompts, params, message):
     before = (len(llm.requests), llm.block_manager.num_free_blocks, llm.scheduler.num_preemptions)
     with pytest.raises(ValueError, match=message):
         llm.generate(prompts, params, use_tqdm=False)
     assert (len(llm.requests), llm.block_manager.num_free_blocks, llm.scheduler.num_preemptions) == before
-    assert llm.is_finished()
+    assert not llm.has_unfinished_requests()
     assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == 8
 
 
@@ -56,11 +63,11 @@ def test_bad_model_paths(tmp_path):
         LLM(str(tmp_path / "missing"))
 
 
-def test_memory_pressure_200_requests_match_a_large_cache(tiny_model):
+def test_memory_pressure_120_requests_match_a_large_cache(tiny_model):
     rng = random.Random(0)
     system = [rng.randint(0, 9999) for _ in range(40)]
     prompts = [(system if i % 3 == 0 else []) + [rng.randint(0, 9999) for _ in range(rng.randint(1, 90))]
-               for i in range(200)]
+               for i in range(120)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 24), ignore_eos=True) for _ in prompts]
     kw = dict(device="cpu", kvcache_block_size=16, max_model_len=160, max_num_seqs=64)
     with LLM(tiny_model, num_kvcache_blocks=10 + 3, **kw) as small:  # one 160-token sequence needs 10 blocks
@@ -82,16 +89,17 @@ def _open_fds() -> int:
 def test_soak_waves_lose_nothing_and_leak_nothing(llm):
     rng = random.Random(1)
     usage = []
-    for wave in range(6):
+    for wave in range(5):
         ids = {}
-        for _ in range(500):
+        for _ in range(200):
             p = [rng.randint(0, 9999) for _ in range(rng.randint(1, 12))]
             ids[llm.add_request(p, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 3), ignore_eos=True))] = p
         done = {}
-        while not llm.is_finished():
-            for o in llm.step()[0]:
-                assert o.request_id not in done  # never finished twice
-                done[o.request_id] = o
+        while llm.has_unfinished_requests():
+            for o in llm.step():
+                if o.finished:
+                    assert o.request_id not in done  # never finished twice
+                    done[o.request_id] = o
         assert set(done) == set(ids)
         assert all(done[i].prompt_token_ids == p for i, p in ids.items())
         gc.collect()
@@ -114,19 +122,205 @@ def test_keyboard_interrupt_leaves_the_engine_usable(llm, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[1, 2, 3]] * 5, GREEDY, use_tqdm=False)
     monkeypatch.undo()
-    assert llm.is_finished() and not llm.requests
+    assert not llm.has_unfinished_requests() and not llm.requests
     assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
 
 
-def test_a_killed_worker_is_reported_by_rank_and_leaves_nothing(tiny_model):
-    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=128, tensor_parallel_size=2)
-    worker = llm.workers[0]
-    llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.join(10)
-    t = time.perf_counter()
-    with pytest.raises(RuntimeError, match="worker rank 1"):
-        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
-    assert time.perf_counter() - t < 60
-    assert llm.closed and not worker.is_alive() and not torch.distributed.is_initialized()
+# ---- issue 13: request semantics and interrupt safety (engine side) -------------------------
+from conftest import hf_greedy  # noqa: E402
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0 (hf pad)
+
+
+def _sound(llm):
+    """Block-pool invariants: every block free or used, never both; refs match the block tables."""
+    bm = llm.block_manager
+    free, used = set(bm.free_block_ids), set(bm.used_block_ids)
+    assert not free & used and free | used == set(range(len(bm.blocks)))
+    refs = {}
+    for seq in [*llm.scheduler.running, *llm.scheduler.waiting]:
+        for b in seq.block_table:
+            refs[b] = refs.get(b, 0) + 1
+    assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
+    assert all(r.seq.seq_id in {s.seq_id for s in [*llm.scheduler.running, *llm.scheduler.waiting]}
+               or r.seq.is_finished for r in llm.requests.values())
+
+
+def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_model, monkeypatch):
+    """Item 3: a KeyboardInterrupt just after scheduler.add (before generate's loop runs)."""
+    ps = _prompts([4, 6, 8], seed=11)
+    real, calls = llm.scheduler.add, {"n": 0}
+
+    def add_then_interrupt(seq):
+        real(seq)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.scheduler, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(ps, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.requests and not llm.scheduler.waiting and not llm.scheduler.running
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
+
+
+POINTS = ["schedule", "prepare_batch", "execute", "postprocess:before", "postprocess:after",
+          "update"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, point):
+    """Item 3: interrupt generate() inside its 4th step, at each point of the step. Its own
+    requests are aborted (twice: idempotent), a request added earlier with add_request survives
+    with exact greedy tokens, the pool stays sound, and the next call's outputs are exact."""
+    import cleanvllm.engine as engine_module
+
+    ps, other = _prompts([5, 20, 9], seed=12), _prompts([13], seed=13)[0]
+    other_id = llm.add_request(other, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    name, _, when = point.partition(":")
+    owner = {"prepare_batch": engine_module, "execute": llm.runner, "update": llm}.get(
+        name, llm.scheduler)
+    real, calls = getattr(owner, {"update": "_update"}.get(name, name)), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4 and when == "before":
+            raise KeyboardInterrupt
+        result = real(*args, **kwargs)
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, {"update": "_update"}.get(name, name), interrupted)
+    own = []
+    real_enqueue = llm._enqueue
+    monkeypatch.setattr(llm, "_enqueue", lambda req: own.append(real_enqueue(req)) or own[-1])
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(ps, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert calls["n"] >= 4
+    for rid in own:
+        llm.abort_request(rid)  # again: a no-op
+        assert rid not in llm.requests
+    _sound(llm)
+    finished = {}
+    while llm.has_unfinished_requests():
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+        _sound(llm)
+    assert list(finished) == [other_id], "the earlier request was lost or a foreign one appeared"
+    assert finished[other_id].token_ids == hf_greedy(hf_model, other, 12)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
+
+
+def _greedy_text(llm, prompt, n):
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                       use_tqdm=False)[0]
+    return out.token_ids, out.text
+
+
+def test_a_stop_string_before_min_tokens_does_not_cut_the_text(llm):
+    """Item 5: stop=[s] where s appears only in the first tokens' text, min_tokens=30."""
+    for prompt in _prompts([6, 7, 8, 9, 10], seed=14):
+        ids, full = _greedy_text(llm, prompt, 40)
+        early = llm.tokenizer.decode(ids[:4], skip_special_tokens=True)
+        stops = [early[i:i + 3] for i in range(len(early) - 2)]
+        stops = [s for s in stops if s.strip() and "\ufffd" not in s and full.count(s) == 1]
+        if stops:
+            break
+    assert stops, "no usable stop string in these prompts' outputs"
+    sp = SamplingParams(temperature=0, max_tokens=40, min_tokens=30, ignore_eos=True, stop=stops[:1])
+    out = llm.generate([prompt], sp, use_tqdm=False)[0]
+    assert out.text == full and out.finish_reason == "length" and out.token_ids == ids
+    cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                stop=stops[:1]), use_tqdm=False)[0]
+    assert cut.text == full[: full.find(stops[0])] and cut.finish_reason == "stop"  # without min
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(llm):
+    """Item 5: the max_tokens-th token completes the stop string: finish_reason "stop"."""
+    n = 20
+    for prompt in _prompts([5, 6, 7, 8, 9, 10, 11], seed=15):
+        ids, full = _greedy_text(llm, prompt, n)
+        before = llm.tokenizer.decode(ids[: n - 1], skip_special_tokens=True)
+        if full.startswith(before) and len(full) > len(before) and len(before) >= 1:
+            stop = full[len(before) - 1 :]  # spans the last two tokens
+            if "\ufffd" not in stop and full.find(stop) == len(before) - 1:
+                break
+    else:
+        pytest.fail("no prompt whose last token completes a unique stop string")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                                stop=[stop]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == ids
+    assert out.text == full[: len(before) - 1]
+
+
+def test_dict_prompts_have_vllms_meaning(llm):
+    """Item 8: {"prompt": text} and {"prompt_token_ids": ids}, alone or in a list."""
+    ids = _prompts([6], seed=16)[0]
+    plain = llm.generate(["Hello there", ids], GREEDY, use_tqdm=False)
+    dicts = llm.generate([{"prompt": "Hello there"}, {"prompt_token_ids": ids}], GREEDY,
+                         use_tqdm=False)
+    assert [o.token_ids for o in dicts] == [o.token_ids for o in plain]
+    assert dicts[0].prompt == "Hello there" and dicts[1].prompt is None
+    assert dicts[0].prompt_token_ids == llm.tokenizer.encode("Hello there")
+    (single,) = llm.generate({"prompt": "Hello there"}, GREEDY, use_tqdm=False)
+    assert single.prompt == "Hello there" and single.token_ids == plain[0].token_ids
+
+
+def test_generate_leaves_requests_added_earlier_to_step(llm, hf_model):
+    """Item 9: a request added with add_request before generate() is still reported by step()."""
+    early = _prompts([10], seed=17)[0]
+    rid = llm.add_request(early, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    outs = llm.generate(_prompts([4, 5], seed=18), GREEDY, use_tqdm=False)
+    assert len(outs) == 2 and rid not in [o.request_id for o in outs]
+    finished = []
+    while llm.has_unfinished_requests():
+        finished += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in finished] == [rid]
+    assert finished[0].token_ids == hf_greedy(hf_model, early, 30)
+
+
+def test_abort_of_unknown_or_finished_ids_and_an_idle_step(llm):
+    """Item 12: abort_request of an unknown or finished id is a no-op; an idle step returns []."""
+    llm.abort_request(123_456_789)
+    out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
+    llm.abort_request(out.request_id)
+    assert llm.step() == [] and not llm.has_unfinished_requests()
+    rid = llm.add_request([4, 5, 6], GREEDY)
+    llm.abort_request(rid)
+    llm.abort_request(rid)
+    assert llm.step() == [] and llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+
+
+def test_stop_strings_decode_each_token_a_bounded_number_of_times(llm, monkeypatch):
+    """Item 13: with a stop string, decoding work grows linearly with the completion's length
+    (it was quadratic: the whole completion was decoded at every step)."""
+    real, work = llm.tokenizer.decode, {"tokens": 0}
+
+    def counting(ids, *args, **kwargs):
+        work["tokens"] += len(ids)
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(llm.tokenizer, "decode", counting)
+
+    def cost(n):
+        work["tokens"] = 0
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=["\x00never"])
+        out = llm.generate([[7, 8, 9]], sp, use_tqdm=False)[0]
+        assert len(out.token_ids) == n and out.finish_reason == "length"
+        assert out.text == real(out.token_ids, skip_special_tokens=True)
+        return work["tokens"]
+
+    short, long = cost(50), cost(240)
+    print(f"decoded tokens: {short} for 50, {long} for 240")
+    assert long <= 12 * 240, "more than 12 decoded tokens per generated token"
+    assert long < 1.5 * (240 / 50) * short, "decoding work grows faster than linearly"
