@@ -2,14 +2,13 @@
 import gc
 import os
 import random
-import signal
-import time
 
 import pytest
 import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
+from conftest import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -128,9 +127,6 @@ def test_keyboard_interrupt_leaves_the_engine_usable(llm, monkeypatch):
 
 
 # ---- issue 13: request semantics and interrupt safety (engine side) -------------------------
-from conftest import hf_greedy  # noqa: E402
-
-
 def _prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0 (hf pad)
