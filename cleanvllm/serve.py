@@ -481,7 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b = p.add_argument_group("serving benchmark (--bench)")
     b.add_argument("--bench", action="store_true", help="measure a server instead of serving")
     b.add_argument("--bench-url", help="server to measure (default: start one for MODEL)")
-    b.add_argument("--request-rates", default="1,4,16,inf", help="requests/s, comma-separated")
+    b.add_argument("--request-rates", default="2,8,32,inf", help="requests/s, comma-separated")
     b.add_argument("--num-prompts", type=int, default=100)
     b.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     b.add_argument("--output-len", type=int, default=128, help="completion tokens per request")
