@@ -32,6 +32,42 @@ def test_prepare_is_idempotent_and_llama_shaped(smollm2):
     assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0
 
 
+def test_dequantize_makes_writable_tensors_without_warning():
+    """Issue 13 item 14: `make setup` printed numpy's "not writable" warning from the converter."""
+    import warnings
+
+    import gguf
+    import numpy as np
+
+    from cleanvllm.smollm2 import dequantize, gguf_path
+
+    reader = gguf.GGUFReader(str(gguf_path()))
+    norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")  # float32, mapped
+    assert not norm.data.flags.writeable  # the reader maps the file read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = dequantize(norm)
+    assert w.dtype == torch.float32 and w.numpy().flags.writeable
+    assert np.array_equal(w.numpy(), norm.data)
+    w.zero_()  # writing to it must not touch the file's mapping
+    assert np.abs(norm.data).sum() > 0
+
+
+def test_names_and_rotary_unpermutation_match_llama_cpp():
+    from cleanvllm.smollm2 import hf_name, unpermute_rotary
+
+    def llama_cpp_permute(w, n_head):  # llama.cpp's convert_hf_to_gguf.py, HF -> GGUF
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for heads, dim in ((9, 64), (3, 64), (2, 8)):
+        w = torch.randn(heads * dim, 12)
+        assert torch.equal(unpermute_rotary(llama_cpp_permute(w, heads), heads), w)
+    assert hf_name("blk.29.attn_k.weight") == "model.layers.29.self_attn.k_proj.weight"
+    assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("output_norm.weight") == "model.norm.weight"
+
+
 def test_greedy_chat_matches_transformers(smollm2):
     from transformers import AutoModelForCausalLM
 
