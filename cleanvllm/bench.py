@@ -351,6 +351,44 @@ def run_sweep(
         )
 
 
+def profile_decode(llm, batch: int, prompt_len: int = 256, steps: int = 6) -> dict:
+    """Torch-profile `steps` decode steps of `batch` sequences: the top operations, kernels/step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = llm.config.device == "cuda"
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 3)
+    vocab = min(10000, llm.config.hf_config.vocab_size)
+    ids = [
+        llm.add_request([(7 * i + j) % vocab for j in range(prompt_len)], sp) for i in range(batch)
+    ]
+    while llm.last_step is None or llm.last_step.is_prefill:  # prefill, then one decode step
+        llm.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            llm.step()
+        if cuda:
+            torch.cuda.synchronize()
+    for rid in ids:  # the rest of the run is not needed
+        llm.abort_request(rid)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    return dict(
+        batch=batch,
+        steps=steps,
+        kernels_per_step=kernels / steps if cuda else None,
+        table=events.table(sort_by=sort, row_limit=12),
+    )
+
+
+def run_profile(model: str | None, batch_sizes, prompt_len: int = 256, **engine_kwargs) -> dict:
+    """`--profile`: profile_decode at each batch size, on one engine."""
+    engine_kwargs.setdefault("max_num_seqs", max(batch_sizes))
+    with LLM(model or random_checkpoint(QWEN3_0_6B), **engine_kwargs) as llm:
+        return dict(profile=[profile_decode(llm, b, prompt_len) for b in batch_sizes])
+
+
 def table(res: dict) -> str:
     """The workload's result as aligned `name  value` lines."""
     c, f = res["cleanvllm"], res["floor"]
@@ -408,15 +446,12 @@ def sweep_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description="cleanvllm offline benchmark against the bandwidth floor"
-    )
-    ap.add_argument(
-        "--model", help="checkpoint directory (default: random Qwen3-0.6B-shaped weights)"
-    )
+    ap = argparse.ArgumentParser(description="cleanvllm's benchmark against the bandwidth floor")
+    ap.add_argument("--model", help="checkpoint (default: random Qwen3-0.6B-shaped weights)")
     ap.add_argument("--sweep", action="store_true", help="decode tok/s per batch size, with floors")
-    ap.add_argument("--batch-sizes", default="1,4,16,64,256", help="for --sweep")
-    ap.add_argument("--prompt-len", type=int, default=256, help="for --sweep")
+    ap.add_argument("--profile", action="store_true", help="profile decode steps at --batch-sizes")
+    ap.add_argument("--batch-sizes", default="1,4,16,64,256")
+    ap.add_argument("--prompt-len", type=int, default=256, help="for --sweep and --profile")
     ap.add_argument("--new-tokens", type=int, default=256, help="for --sweep")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input", type=int, default=1024)
@@ -434,8 +469,12 @@ def main(argv: list[str] | None = None) -> dict:
         tensor_parallel_size=a.tensor_parallel_size,
     )
     kw.update(json.loads(a.engine))  # --engine has the last word
-    if a.sweep:
-        sizes = [int(b) for b in a.batch_sizes.split(",")]
+    sizes = [int(b) for b in a.batch_sizes.split(",")]
+    if a.profile:
+        res = run_profile(a.model, sizes, a.prompt_len, **kw)
+        for p in res["profile"]:
+            print(f"batch {p['batch']}: {p['kernels_per_step']} kernels/step\n{p['table']}")
+    elif a.sweep:
         res = run_sweep(a.model, sizes, a.prompt_len, a.new_tokens, **kw)
         print(sweep_table(res))
     else:

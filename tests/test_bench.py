@@ -105,3 +105,11 @@ def test_sweep_refuses_a_batch_larger_than_max_num_seqs(tiny_model):
     with pytest.raises(ValueError, match="max_num_seqs"):
         run_sweep(tiny_model, [1, 8], 8, 4, **dict(TINY_ENGINE, max_num_seqs=4))
 
+
+
+def test_profile_lists_the_models_matmuls_and_leaves_the_engine_idle(tiny_model, tmp_path):
+    res = main(["--profile", "--model", tiny_model, "--batch-sizes", "2", "--prompt-len", "8",
+                "--engine", json.dumps(TINY_ENGINE), "--out", str(tmp_path / "p.json")])
+    (prof,) = res["profile"]
+    assert prof["batch"] == 2 and prof["kernels_per_step"] is None  # kernels are counted on a GPU
+    assert "aten::mm" in prof["table"]  # the projections and the output head
