@@ -30,7 +30,9 @@ def hf_model(tiny_model):
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n, do_sample=False,
+    ids = torch.tensor([prompt], device=hf.device)
+    # An explicit mask: without it transformers takes token 0 in a prompt for padding (pad_token_id=0).
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

@@ -66,28 +66,3 @@ def test_tiny_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path, ti
     model = AutoModelForCausalLM.from_pretrained(a)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, cfg["vocab_size"])
-
-
-def test_baseline_counts_by_hand(hf_model):
-    from cleanvllm.baseline import NaiveGenerator
-
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
-    outs, st = NaiveGenerator(hf_model).generate(prompts, [2, 5, 1])
-    assert [len(o) for o in outs] == [2, 5, 1]
-    assert st.prefill_slots == 15 and st.prefill_useful == 9  # 3 rows x longest prompt 5
-    assert st.decode_slots == 3 * 4 and st.decode_useful == (2 - 1) + (5 - 1) + 0
-    assert st.reserved_kv_tokens == 3 * (5 + 5) and st.used_kv_tokens == 9 + 8
-    assert st.active_per_step == [3, 2, 1, 1, 1]
-
-
-def test_bench_runs_small_on_cpu(tiny_model, tmp_path):
-    from cleanvllm.bench import decode_floor_seconds, run, standard_workload
-
-    _, params = standard_workload()
-    assert sum(p.max_tokens for p in params) == 133_966  # nano-vLLM's workload, drawn the same way
-    # floor by hand: 2 steps with 1 sequence (ctx 10, then 11) and weights 100 bytes, KV 1 byte/token
-    assert decode_floor_seconds([10], [2], 100, 1, 1.0, 8) == (100 + 10) + (100 + 11)
-    res = run(tiny_model, num_seqs=4, max_input=120, max_output=110, peer_seqs=0, out=str(tmp_path / "r.json"),
-              kvcache_block_size=16, max_model_len=512, device="cpu")
-    assert res["cleanvllm"]["tokens"] == res["workload"]["output_tokens"] > 0
-    assert json.loads((tmp_path / "r.json").read_text())["cleanvllm"]["tokens_per_s"] > 0
