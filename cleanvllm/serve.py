@@ -173,6 +173,8 @@ class SamplingRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with token counts
+    logprobs: bool | int | None = None  # refused: chat says true, completions a count
+    echo: bool = False  # refused
     top_k: int | None = None  # vLLM's extra fields from here on
     min_p: float | None = None
     min_tokens: int | None = None
@@ -196,13 +198,17 @@ def sampling_params(
     """The request's SamplingParams; ValueError naming the field when a value is not allowed."""
     if body.n not in (None, 1):
         raise ValueError(f"n={body.n} is not supported: this server returns one choice (n=1)")
+    if body.logprobs is not None and body.logprobs is not False or body.echo:
+        raise ValueError("logprobs and echo are not supported by this server")
     room = max_model_len - prompt_len
     if room < 1:
         raise ValueError(
             f"the prompt has {prompt_len} tokens; max_model_len={max_model_len} leaves no room "
             "for a completion"
         )
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    max_tokens = getattr(body, "max_completion_tokens", None)  # 0 is a value (refused), not "unset"
+    if max_tokens is None:
+        max_tokens = body.max_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens or room, room)
     fields = dict(
@@ -354,11 +360,30 @@ async def event_stream(s: ServerState, h: Handle, body, prompt_tokens: int, chun
     yield sse("[DONE]")
 
 
-async def final_output(s: ServerState, h: Handle) -> RequestOutput:
-    async with contextlib.aclosing(s.engine.stream(h)) as outputs:
-        async for out in outputs:
+async def final_output(s: ServerState, h: Handle, request: Request) -> RequestOutput:
+    """The request's last output; if the client hangs up first, the request is aborted."""
+
+    async def last() -> RequestOutput:
+        async with contextlib.aclosing(s.engine.stream(h)) as outputs:
+            async for out in outputs:
+                pass
+        return out
+
+    async def hung_up() -> None:  # after the body, the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
             pass
-    return out
+
+    work, gone = asyncio.ensure_future(last()), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()  # closes the request's stream, which aborts the request
+            await asyncio.wait([work])
+    if work.cancelled():
+        raise APIError(499, "the client closed the connection before the reply was ready")
+    return work.result()
 
 
 def completion_chunk(request_id: str, model: str, created: int):
@@ -385,7 +410,7 @@ async def completions(body: CompletionRequest, request: Request):
     chunk = completion_chunk(f"cmpl-{h.request_id}", s.model_name, int(time.time()))
     if body.stream:
         return EventStream(event_stream(s, h, body, len(ids), chunk))
-    out = await final_output(s, h)
+    out = await final_output(s, h, request)
     return {**chunk(out.text, out.finish_reason), "usage": usage(len(ids), out)}
 
 
@@ -422,7 +447,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.stream:
         head = chunk(None, None, role="assistant")
         return EventStream(event_stream(s, h, body, len(ids), chunk, head))
-    out = await final_output(s, h)
+    out = await final_output(s, h, request)
     message = {"role": "assistant", "content": out.text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
     reply = {**chunk(None, None), "object": "chat.completion", "choices": [choice]}

@@ -282,3 +282,44 @@ def test_bench_cli_parses_and_reports(server):
     assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
     assert row["output_tok_s"] == pytest.approx(6 * 5 / row["duration_s"], rel=0.02)
 
+
+
+def test_unsupported_fields_are_refused_not_ignored(server):
+    """logprobs and echo would be silently dropped (a reply without what was asked): 400 instead;
+    max_completion_tokens=0 is a bad value, not 'no limit'."""
+    url = server[0]
+    c = client(url)
+    cases = [
+        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=2),
+        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=0),
+        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, echo=True),
+        lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, logprobs=True),
+        lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_completion_tokens=0),
+    ]
+    for i, call in enumerate(cases):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.status_code == 400 and e.value.body["message"], i
+    ok = c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, logprobs=False)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_non_streamed_disconnect_aborts(server, monkeypatch):
+    """A client that gives up on a non-streamed reply (a timeout) must not leave its request running."""
+    url, llm, _, refs = server
+    total = llm.runner.num_kvcache_blocks
+    aborted = []
+    real_abort = llm.abort_request
+    monkeypatch.setattr(llm, "abort_request", lambda rid: (aborted.append(rid), real_abort(rid)))
+    body = {"model": NAME, "prompt": "Count forever:", "max_tokens": MAX_MODEL_LEN - 16,
+            "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while llm.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(aborted) == 1, "the request of the client that hung up ran on to max_tokens"
+    assert llm.block_manager.num_free_blocks == total
+    out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].text == refs["greedy"][0].text
