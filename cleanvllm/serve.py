@@ -433,6 +433,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         if isinstance(m, dict) and isinstance(m.get("content"), list) else m
         for m in body.messages
     ]  # fmt: skip
+    if "chat_template" in (body.chat_template_kwargs or {}):
+        raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
     try:
         prompt = s.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True,

@@ -323,3 +323,17 @@ def test_non_streamed_disconnect_aborts(server, monkeypatch):
     out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
                                          extra_body={"ignore_eos": True})
     assert out.choices[0].text == refs["greedy"][0].text
+
+
+def test_request_cannot_replace_the_chat_template(server):
+    """A template sent in the request runs on the server's event loop (a nested loop stalls every
+    connection): refused with 400; the template's own options still pass."""
+    url = server[0]
+    c = client(url)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, extra_body={
+            "chat_template_kwargs": {"chat_template": "{% for i in range(9) %}{% endfor %}hi"}})
+    assert "chat_template" in e.value.body["message"]
+    ok = c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, extra_body={
+        "chat_template_kwargs": {"enable_thinking": False}})
+    assert ok.usage.completion_tokens == 2
