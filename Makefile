@@ -18,7 +18,8 @@ help:
 
 setup: $(VENV)/.installed ## create .venv with the package, notebooks, server and dev tools
 	@# JupyterLab saves outputs into the notebooks; this git filter strips them when you commit.
-	@git rev-parse --git-dir >/dev/null 2>&1 && $(VENV)/bin/nbstripout --install --attributes .gitattributes || true
+	@git rev-parse --git-dir >/dev/null 2>&1 && $(VENV)/bin/nbstripout --install --attributes .gitattributes \
+		&& git config filter.nbstripout.extrakeys "metadata.language_info metadata.widgets" || true
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
