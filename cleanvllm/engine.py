@@ -447,8 +447,13 @@ class LLMEngine:
 
 def _held_back(text: str, stops: list[str]) -> int:
     """Length of text's longest ending that is the beginning of a stop string."""
-    ends = (k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1))
-    return max((k for k in ends if any(text.endswith(s[:k]) for s in stops)), default=0)
+    best = 0  # each stop string once, longest beginning first: linear in the number of stops
+    for s in stops:
+        k = next(
+            (k for k in range(min(len(s) - 1, len(text)), best, -1) if text.endswith(s[:k])), 0
+        )
+        best = max(best, k)
+    return best
 
 
 @contextmanager

@@ -194,3 +194,25 @@ def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
     assert final.finished and final.finish_reason == "stop"
     assert final.text == full[: full.find(stop)]
     assert all(final.text.startswith(o.text) for o in outs)  # nothing shown is taken back
+
+
+def test_held_back_is_right_and_linear_in_the_number_of_stop_strings():
+    """The engine thread runs _held_back on every token of a request with stop strings; a request
+    carrying a few hundred of them must not cost seconds per step for every other request."""
+    import random
+    import time
+
+    from cleanvllm.engine import _held_back
+
+    rng = random.Random(0)
+    for _ in range(300):  # against the definition: longest ending that begins some stop string
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(3)]
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        want = max((k for s in stops for k in range(1, len(s)) if k <= len(text)
+                    and text.endswith(s[:k])), default=0)
+        assert _held_back(text, stops) == want, (text, stops)
+    stops = ["".join(rng.choice("qwxzjk") for _ in range(40)) + str(i) for i in range(600)]
+    text = "hello world " * 50 + stops[7][:20]
+    t0 = time.perf_counter()
+    assert _held_back(text, stops) == 20
+    assert time.perf_counter() - t0 < 0.2, "quadratic in the number of stop strings"
