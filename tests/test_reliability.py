@@ -285,6 +285,22 @@ def test_generate_leaves_requests_added_earlier_to_step(llm, hf_model):
     assert finished[0].token_ids == hf_greedy(hf_model, early, 30)
 
 
+def test_an_earlier_request_that_finishes_inside_generate_is_kept_for_step(llm, hf_model):
+    """Item 9: the earlier request finishes while generate() runs (3 tokens against generate's 8):
+    its final output must wait for step(), not be consumed by generate()."""
+    early = _prompts([7], seed=19)[0]
+    rid = llm.add_request(early, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    outs = llm.generate(_prompts([4, 5], seed=20), GREEDY, use_tqdm=False)
+    assert rid not in [o.request_id for o in outs]
+    assert llm.has_unfinished_requests(), "the earlier request's output was dropped"
+    finished = []
+    while llm.has_unfinished_requests():
+        finished += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in finished] == [rid]
+    assert finished[0].token_ids == hf_greedy(hf_model, early, 3)
+    assert finished[0].finish_reason == "length"
+
+
 def test_abort_of_unknown_or_finished_ids_and_an_idle_step(llm):
     """Item 12: abort_request of an unknown or finished id is a no-op; an idle step returns []."""
     llm.abort_request(123_456_789)
