@@ -28,6 +28,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from cleanvllm.engine import LLMEngine, RequestOutput
@@ -255,6 +256,11 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5]
         )
         return error_response(400, f"invalid request body: {where}")
+
+    @app.exception_handler(HTTPException)  # routing: an unknown path (404), a wrong method (405)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), kind)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):

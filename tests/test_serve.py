@@ -337,3 +337,15 @@ def test_request_cannot_replace_the_chat_template(server):
     ok = c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, extra_body={
         "chat_template_kwargs": {"enable_thinking": False}})
     assert ok.usage.completion_tokens == 2
+
+
+def test_unknown_path_and_method_get_openai_errors(server):
+    """Every error leaves in OpenAI's format, routing errors included (FastAPI's is {"detail": ...})."""
+    url = server[0]
+    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                 ("DELETE", "/v1/models", 405)]:
+        r = httpx.request(method, url + path, timeout=10)
+        assert r.status_code == status, (method, path)
+        assert r.json()["error"]["message"] and r.json()["error"]["code"] == status, r.text
+    with pytest.raises(openai.NotFoundError):
+        client(url).with_options(base_url=url + "/v2").models.list()
