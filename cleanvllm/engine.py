@@ -172,10 +172,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: int) -> None:
         """Stop a request and free its blocks. An unknown or finished id is a no-op (as in vLLM)."""
-        req = self.requests.pop(request_id, None)
-        self.unreported.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
-            self.scheduler.abort(req.seq)
+            self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
+        self.requests.pop(request_id, None)
+        self.unreported.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step()."""

@@ -301,6 +301,32 @@ def test_an_earlier_request_that_finishes_inside_generate_is_kept_for_step(llm, 
     assert finished[0].finish_reason == "length"
 
 
+def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch):
+    """Item 3: Ctrl-C inside abort_request (here: as the block manager starts freeing) must leave
+    the id known, so that aborting it again frees everything. It used to forget the id first: the
+    sequence stayed in the scheduler holding its blocks, and every later generate() failed."""
+    rid = llm.add_request(_prompts([40], seed=21)[0], GREEDY)
+    llm.step()  # prefill: the request holds its blocks
+    real = llm.block_manager.deallocate
+
+    def interrupted(seq):
+        monkeypatch.setattr(llm.block_manager, "deallocate", real)  # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.block_manager, "deallocate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.abort_request(rid)
+    monkeypatch.undo()
+    llm.abort_request(rid)
+    llm.abort_request(rid)
+    _sound(llm)
+    assert not llm.scheduler.running and not llm.scheduler.waiting and not llm.requests
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.step() == [] and not llm.has_unfinished_requests()
+    p = _prompts([6], seed=22)[0]
+    assert llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids == hf_greedy(hf_model, p, 8)
+
+
 def test_abort_of_unknown_or_finished_ids_and_an_idle_step(llm):
     """Item 12: abort_request of an unknown or finished id is a no-op; an idle step returns []."""
     llm.abort_request(123_456_789)
