@@ -332,8 +332,9 @@ class LLMEngine:
                 rates[s.is_prefill] = s.num_tokens / max(time.perf_counter() - t, 1e-9)
                 bar.set_postfix(prefill=f"{rates[True]:.0f} tok/s", decode=f"{rates[False]:.0f} tok/s")
         except BaseException:
-            for req in reqs:  # leave the engine clean and usable (KeyboardInterrupt included)
-                self.abort_request(req.seq.seq_id)
+            with _sigint_deferred():  # a second Ctrl-C must not cut the clean-up in half
+                for req in reqs:  # leave the engine clean and usable (KeyboardInterrupt included)
+                    self.abort_request(req.seq.seq_id)
             raise
         finally:
             bar.close()

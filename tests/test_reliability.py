@@ -362,3 +362,34 @@ def test_stop_strings_decode_each_token_a_bounded_number_of_times(llm, monkeypat
     print(f"decoded tokens: {short} for 50, {long} for 240")
     assert long <= 12 * 240, "more than 12 decoded tokens per generated token"
     assert long < 1.5 * (240 / 50) * short, "decoding work grows faster than linearly"
+
+
+def test_a_second_ctrl_c_during_generates_clean_up_waits_for_it(llm, monkeypatch):
+    """Ctrl-C twice: the second one lands while generate() aborts its requests. It is held until
+    the clean-up is done, so every request is aborted and the pool is whole (a real SIGINT)."""
+    import signal
+
+    calls = {"post": 0, "abort": 0}
+    real_post, real_abort = llm.scheduler.postprocess, llm.scheduler.abort
+
+    def first_ctrl_c(seqs, tokens):
+        calls["post"] += 1
+        if calls["post"] == 3:
+            raise KeyboardInterrupt
+        return real_post(seqs, tokens)
+
+    def second_ctrl_c(seq):
+        calls["abort"] += 1
+        if calls["abort"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode boundary
+        return real_abort(seq)
+
+    monkeypatch.setattr(llm.scheduler, "postprocess", first_ctrl_c)
+    monkeypatch.setattr(llm.scheduler, "abort", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(_prompts([5, 9, 17, 33]), GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert calls["abort"] == 4, "the clean-up was cut short: not every request was aborted"
+    _sound(llm)
+    assert not llm.requests and llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
