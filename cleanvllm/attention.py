@@ -457,16 +457,29 @@ class Attention(nn.Module):
         self.impl = BACKENDS[self.backend]
         self.k_cache = self.v_cache = torch.tensor([])  # assigned by the model runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [N, heads*head_dim], k/v: [N, kv_heads*head_dim] -> [N, heads*head_dim]."""
+    def has_cache(self, ctx) -> bool:
+        """True when this step writes to and reads from the paged cache (not chapter 7's warm-up)."""
+        return self.k_cache.numel() > 0 and ctx.block_tables is not None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q: [N, heads*head_dim], k/v: [N, kv_heads*head_dim] -> [N, heads*head_dim].
+        k = v = None: the caller has already written this step's keys and values into the cache."""
         ctx = get_context()
         q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.k_cache.numel() == 0 or ctx.block_tables is None:  # no cache yet: the warm-up forward
+        if (k is None) != (v is None):
+            raise ValueError("Attention.forward: pass both k and v, or neither (already stored)")
+        if k is not None:
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if not self.has_cache(ctx):  # no cache yet: the warm-up forward
+            if k is None:
+                raise ValueError("Attention.forward: k and v are needed before the KV cache exists")
             o = self.impl.no_cache(q, k, v, ctx, self.scale)
         else:
-            self.impl.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            if k is not None:
+                self.impl.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             attend = self.impl.prefill if ctx.is_prefill else self.impl.decode
             o = attend(q, self.k_cache, self.v_cache, ctx, self.scale)
         return o.reshape(-1, self.num_heads * self.head_dim)

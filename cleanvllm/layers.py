@@ -403,3 +403,83 @@ def rope_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_s
             HALF_PAD=triton.next_power_of_2(half),
         )
     return q, k
+
+
+@triton.jit
+def _norm_rotate(x1, x2, w1, w2, cos, sin, eps, D: tl.constexpr, NORM: tl.constexpr, dt):
+    """Heads as halves x1, x2 [heads, D/2] (float32): RMSNorm over both halves (if NORM), then
+    the rotary rotation; rounded to dt where rmsnorm_triton and rope_triton round."""
+    if NORM:
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+        x1 = (w1.to(tl.float32) * (x1 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (w2.to(tl.float32) * (x2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    a, b = (x1 * cos).to(dt).to(tl.float32), (x2 * sin).to(dt).to(tl.float32)
+    c, d = (x2 * cos).to(dt).to(tl.float32), (x1 * sin).to(dt).to(tl.float32)
+    return (a - b).to(dt), (c + d).to(dt)
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(
+    QKV, stride, POS, CS, QW, KW, Q_OUT, k_cache, v_cache, slot_mapping, eps,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    token, dt = tl.program_id(0), Q_OUT.dtype.element_ty
+    D: tl.constexpr = 2 * HALF
+    pos, half = tl.load(POS + token), tl.arange(0, HALF_PAD)[None, :]
+    cos = tl.load(CS + pos * D + half, mask=half < HALF, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(CS + pos * D + HALF + half, mask=half < HALF, other=0.0).to(dt).to(tl.float32)
+    row = QKV + token * stride
+    h = tl.arange(0, H_PAD)[:, None]  # the query heads
+    m = (h < HEADS) & (half < HALF)
+    x = row + h * D + half
+    w1, w2 = tl.load(QW + half, mask=half < HALF), tl.load(QW + HALF + half, mask=half < HALF)
+    x1, x2 = tl.load(x, mask=m, other=0.0).to(tl.float32), tl.load(x + HALF, mask=m, other=0.0)
+    q1, q2 = _norm_rotate(x1, x2.to(tl.float32), w1, w2, cos, sin, eps, D, NORM, dt)
+    out = Q_OUT + token * HEADS * D + h * D + half
+    tl.store(out, q1, mask=m)
+    tl.store(out + HALF, q2, mask=m)
+    slot = tl.load(slot_mapping + token)
+    if slot == -1:  # padding: no cache row to write
+        return
+    h = tl.arange(0, KV_PAD)[:, None]  # the key heads, then the value heads after them
+    m = (h < KV_HEADS) & (half < HALF)
+    x = row + (HEADS + h) * D + half
+    w1, w2 = tl.load(KW + half, mask=half < HALF), tl.load(KW + HALF + half, mask=half < HALF)
+    x1, x2 = tl.load(x, mask=m, other=0.0).to(tl.float32), tl.load(x + HALF, mask=m, other=0.0)
+    k1, k2 = _norm_rotate(x1, x2.to(tl.float32), w1, w2, cos, sin, eps, D, NORM, dt)
+    dst = slot.to(tl.int64) * KV_HEADS * D + h * D + half
+    tl.store(k_cache + dst, k1, mask=m)
+    tl.store(k_cache + dst + HALF, k2, mask=m)
+    x += KV_HEADS * D
+    tl.store(v_cache + dst, tl.load(x, mask=m), mask=m)
+    tl.store(v_cache + dst + HALF, tl.load(x + HALF, mask=m), mask=m)
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    rope: RotaryEmbedding,
+    q_norm: RMSNorm | None,
+    k_norm: RMSNorm | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """From the packed projection qkv [N, (heads + 2 kv_heads) * D]: q normalised (when norms are
+    given) and rotated, returned as [N, heads, D]; k likewise and v as is, written into the paged
+    caches [blocks, block_size, kv_heads, D] at slot_mapping (-1: not stored)."""
+    n, kv_heads, d = qkv.shape[0], k_cache.shape[-2], k_cache.shape[-1]
+    heads = qkv.shape[1] // d - 2 * kv_heads
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = torch.empty(n, heads, d, dtype=qkv.dtype, device=qkv.device)
+    norm = q_norm is not None
+    qw, kw = (q_norm.weight, k_norm.weight) if norm else (qkv, qkv)  # unread without norms
+    eps = q_norm.eps if norm else 0.0
+    _qk_norm_rope_store_kernel[(n,)](
+        qkv, qkv.stride(0), positions, rope.cos_sin, qw, kw, q, k_cache, v_cache, slot_mapping,
+        eps, HEADS=heads, KV_HEADS=kv_heads, H_PAD=triton.next_power_of_2(heads),
+        KV_PAD=triton.next_power_of_2(kv_heads), HALF=d // 2,
+        HALF_PAD=triton.next_power_of_2(d // 2), NORM=norm,
+    )  # fmt: skip
+    return q

@@ -10,6 +10,7 @@ from torch import nn
 
 from cleanvllm.attention import Attention
 from cleanvllm.config import attention_shape
+from cleanvllm.context import get_context
 from cleanvllm.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -21,6 +22,7 @@ from cleanvllm.layers import (
     TPGroup,
     VocabParallelEmbedding,
     divide,
+    qk_norm_rope_store,
 )
 
 # checkpoint module name -> (our packed module, which part of it)
@@ -47,8 +49,11 @@ class Qwen3Attention(nn.Module):
     """Self-attention on this rank's heads: packed q/k/v projection, per-head q/k RMSNorm (Qwen3
     only), rotary embedding, paged attention (chapter 5), output projection with its all-reduce."""
 
-    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
+    def __init__(
+        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
+    ):
         super().__init__()
+        self.fuse = fuse  # on a GPU, q/k norm + rotary + KV store in one kernel (step 8)
         heads, kv_heads, self.head_dim = attention_shape(hf)  # of the whole model
         self.num_heads = divide(heads, tp.size, "attention heads")
         self.num_kv_heads = divide(kv_heads, tp.size, "key/value heads")
@@ -70,7 +75,15 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions: [N]; hidden: [N, hidden_size], the N tokens of the step (all sequences)."""
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
+        qkv, ctx = self.qkv_proj(hidden), get_context()
+        if self.fuse and qkv.is_cuda and self.attn.has_cache(ctx):
+            norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+            a = self.attn
+            q = qk_norm_rope_store(
+                qkv, positions, self.rotary_emb, *norms, a.k_cache, a.v_cache, ctx.slot_mapping
+            )
+            return self.o_proj(a(q.flatten(1)))  # k and v are in the cache already
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # normalise each head, then rotate the normalised q and k
@@ -97,9 +110,11 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     """norm -> attention -> add -> norm -> MLP -> add, the adds fused into the next norm."""
 
-    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
+    def __init__(
+        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
+    ):
         super().__init__()
-        self.self_attn = Qwen3Attention(hf, max_position, backend, tp)
+        self.self_attn = Qwen3Attention(hf, max_position, backend, tp, fuse)
         self.mlp = Qwen3MLP(hf, tp)
         self.input_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
@@ -118,11 +133,14 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     """Embedding, decoder layers, final norm: token ids -> last hidden states."""
 
-    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
+    def __init__(
+        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
+    ):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, tp)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(hf, max_position, backend, tp) for _ in range(hf.num_hidden_layers)
+            Qwen3DecoderLayer(hf, max_position, backend, tp, fuse)
+            for _ in range(hf.num_hidden_layers)
         )
         self.norm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
 
@@ -140,6 +158,8 @@ class Qwen3ForCausalLM(nn.Module):
     `attention_bias`), per-head q/k norm (Qwen3), rope scaling (Llama 3), tied embeddings.
 
     tp: this process's place in the tensor-parallel group; the model never asks torch.distributed.
+    fuse_kernels: on a GPU, use the fused q/k-norm + rotary + KV-store kernel (False: one kernel
+    per operation, as chapter 9 compares).
     """
 
     packed_modules_mapping = PACKED_MODULES  # used by the loader
@@ -150,11 +170,12 @@ class Qwen3ForCausalLM(nn.Module):
         max_position: int | None = None,
         attention_backend: str = "torch",
         tp: TPGroup = TPGroup(),
+        fuse_kernels: bool = True,
     ):
         super().__init__()
         self.tp = tp
         max_position = max_position or hf.max_position_embeddings
-        self.model = Qwen3Model(hf, max_position, attention_backend, tp)
+        self.model = Qwen3Model(hf, max_position, attention_backend, tp, fuse_kernels)
         self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, tp)
         self.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
