@@ -6,11 +6,18 @@ floor; `--sweep` measures decode tokens/s at batch sizes 1, 4, 16, 64 and 256, e
 """
 
 import argparse
+import bisect
+import datetime
 import gc
 import json
+import platform
 import random
+import statistics
+import subprocess
 import tempfile
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -138,19 +145,43 @@ def time_generate(llm, prompts, params) -> dict:
     return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds)
 
 
-def timed_decode(llm) -> tuple[int, float]:
-    """Step the engine until it is idle; (tokens, seconds) of its decode steps alone."""
+@contextmanager
+def runner_timer(llm):
+    """Within the block, time every call of the engine's model runner: yields a list that fills
+    with (is_prefill, sequences, seconds). The runner's share of a step is the model, the sampler
+    and the wait for the tokens; the scheduler and the step's outputs are outside it."""
+    runner, calls = llm.runner, []
+    execute = runner.execute
+
+    def timed(batch):
+        t = time.perf_counter()
+        out = execute(batch)  # token ids on the host: the GPU has finished the step
+        calls.append((batch.is_prefill, batch.num_seqs, time.perf_counter() - t))
+        return out
+
+    runner.execute = timed  # an attribute of this one runner, in front of its method
+    try:
+        yield calls
+    finally:
+        del runner.execute
+
+
+def timed_decode(llm) -> dict:
+    """Step the engine until it is idle. Of its decode steps alone: the tokens, the seconds of the
+    whole steps (step() with its outputs), and the seconds of the model runner's share."""
     sync = torch.cuda.synchronize if llm.config.device == "cuda" else (lambda: None)
     tokens, seconds = 0, 0.0
-    while llm.has_unfinished_requests():
-        sync()
-        t = time.perf_counter()
-        llm.step()
-        sync()
-        if not llm.last_step.is_prefill:
-            tokens += llm.last_step.num_seqs  # one new token per sequence
-            seconds += time.perf_counter() - t
-    return tokens, seconds
+    with runner_timer(llm) as calls:
+        while llm.has_unfinished_requests():
+            sync()
+            t = time.perf_counter()
+            llm.step()
+            sync()
+            if not llm.last_step.is_prefill:
+                tokens += llm.last_step.num_seqs  # one new token per sequence
+                seconds += time.perf_counter() - t
+    runner = sum(s for prefill, _, s in calls if not prefill)
+    return dict(tokens=tokens, seconds=seconds, runner_seconds=runner)
 
 
 def decode_sweep(
@@ -163,7 +194,8 @@ def decode_sweep(
     kv_per_token: int,
     seed: int = 0,
 ) -> list[dict]:
-    """Decode tokens/s at each batch size beside its floor (all requests admitted together)."""
+    """Decode tokens/s at each batch size beside its floor (all requests admitted together), for
+    whole steps and for the model runner's share of them."""
     if max(batch_sizes) > llm.config.max_num_seqs or new_tokens < 2:
         raise ValueError(
             f"need max(batch_sizes) <= max_num_seqs={llm.config.max_num_seqs} and "
@@ -175,14 +207,10 @@ def decode_sweep(
         sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=new_tokens)
         for _ in range(b):
             llm.add_request([rng.randrange(vocab) for _ in range(prompt_len)], sp)
-        tokens, seconds = timed_decode(llm)
+        got = timed_decode(llm)
+        tokens, seconds, runner = got["tokens"], got["seconds"], got["runner_seconds"]
         floor = decode_floor_seconds(
-            [prompt_len + 1] * b,
-            [new_tokens - 1] * b,
-            weights,
-            kv_per_token,
-            bandwidth,
-            max_num_seqs=b,
+            [prompt_len + 1] * b, [new_tokens - 1] * b, weights, kv_per_token, bandwidth, b
         )
         rows.append(
             dict(
@@ -192,6 +220,9 @@ def decode_sweep(
                 tokens_per_s=tokens / seconds,
                 floor_tokens_per_s=tokens / floor,
                 fraction=floor / seconds,
+                runner_seconds=runner,
+                runner_tokens_per_s=tokens / runner,
+                runner_fraction=floor / runner,
             )
         )
     return rows
@@ -248,6 +279,31 @@ def random_checkpoint(shape: dict, root: str | None = None) -> str:
     return str(path)
 
 
+def about(device: str) -> dict:
+    """Where and when numbers are measured: device, torch, triton, git commit, date (UTC)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = ["git", "status", "--porcelain", "--untracked-files=no"]
+        if commit and subprocess.run(dirty, capture_output=True, text=True, timeout=10).stdout:
+            commit += "+uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
+        torch=torch.__version__,
+        triton=triton_version,
+        commit=commit or None,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
 def measure_workload(llm, prompts, params, bandwidth: float) -> dict:
     """Time the workload on a built engine; its floor at `bandwidth` bytes/s; the engine's facts."""
     if llm.config.device == "cuda":
@@ -293,7 +349,7 @@ def run(
     with LLM(path, **engine_kwargs) as llm:
         dev = llm.config.device
         res = dict(
-            device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            **about(dev),
             model=path,
             workload=dict(
                 num_seqs=num_seqs,
@@ -341,7 +397,7 @@ def run_sweep(
         weights, kv = engine_bytes(llm)
         rows = decode_sweep(llm, list(batch_sizes), prompt_len, new_tokens, bandwidth, weights, kv)
         return dict(
-            device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            **about(dev),
             model=path,
             bandwidth_GBps=bandwidth / 1e9,
             prompt_len=prompt_len,
@@ -351,42 +407,182 @@ def run_sweep(
         )
 
 
-def profile_decode(llm, batch: int, prompt_len: int = 256, steps: int = 6) -> dict:
-    """Torch-profile `steps` decode steps of `batch` sequences: the top operations, kernels/step."""
-    from torch.profiler import ProfilerActivity, profile
+GEMM_NAMES = ("gemm", "gemv", "matmul", "cublas", "cutlass", "nvjet", "splitk", "xmma", "aten::mm")
+KERNEL_KINDS = {  # kind: fragments of a lower-cased kernel or operator name; the first match wins
+    "attention": ("attention", "attn", "paged", "flash", "merge_splits"),
+    "sampler": ("sampl", "softmax", "exponential", "argmax", "topk", "multinomial", "gumbel"),
+    "norm/rotary/store": ("norm", "rope", "rotary", "store", "kvcache", "rsqrt", "pow", "mean"),
+    "GEMM": GEMM_NAMES + ("aten::addmm", "aten::linear"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel (or CPU operator) from its name: a key of KERNEL_KINDS, or "other"."""
+    low = name.lower()
+    return next((k for k, parts in KERNEL_KINDS.items() if any(p in low for p in parts)), "other")
+
+
+STEP_MARK = "cleanvllm decode step"  # the name of the range around each profiled step
+
+
+def profiled_ops(prof, cuda: bool) -> list[dict]:
+    """What a profile saw run, in time order, as {name, start_us, dur_us}: the GPU's kernels and
+    copies; on a CPU the outermost operators (aten::...) of its busiest thread."""
+
+    def outermost(e) -> bool:  # no operator above it (ranges such as STEP_MARK do not count)
+        while (e := e.cpu_parent) is not None:
+            if "::" in e.name:
+                return False
+        return True
+
+    if cuda:
+        # kernels and copies; not the ranges that the profiler mirrors onto the GPU's timeline
+        events = [
+            e for e in prof.events() if e.device_type.name == "CUDA" and not e.is_user_annotation
+        ]
+    else:
+        cpu = [e for e in prof.events() if e.device_type.name == "CPU" and "::" in e.name]
+        outer = [e for e in cpu if outermost(e)]
+        busiest = Counter(e.thread for e in outer).most_common(1)
+        events = [e for e in outer if e.thread == busiest[0][0]] if busiest else []
+    events.sort(key=lambda e: e.time_range.start)
+    return [
+        dict(name=e.name, start_us=e.time_range.start, dur_us=e.time_range.elapsed_us())
+        for e in events
+    ]
+
+
+def split_steps(ops: list[dict], starts: list[float]) -> list[list[dict]]:
+    """ops grouped by the step they started in; the steps begin at `starts` (in time order)."""
+    steps = [[] for _ in starts]
+    for o in ops:
+        i = bisect.bisect_right(starts, o["start_us"]) - 1
+        if i >= 0:  # before the first step: not a step's
+            steps[i].append(o)
+    return steps
+
+
+def step_timeline(ops: list[dict], max_name: int = 160) -> list[dict]:
+    """One step's ops as a timeline: {name, kind, start_us from the first op, dur_us}."""
+    t0 = ops[0]["start_us"] if ops else 0.0
+    return [
+        dict(
+            name=o["name"][:max_name],
+            kind=kernel_kind(o["name"]),
+            start_us=o["start_us"] - t0,
+            dur_us=o["dur_us"],
+        )
+        for o in ops
+    ]
+
+
+def step_stats(per_step: list[list[dict]], top: int = 12, max_name: int = 160) -> dict:
+    """Per decode step, from profiled_ops of several steps: kernels, GPU time (sum of durations),
+    span (first start to last end), and the `top` kernels by time with their kind."""
+    if not per_step or not all(per_step):
+        raise ValueError("need at least one profiled step, each with at least one op")
+    n, by_name = len(per_step), {}
+    for ops in per_step:
+        for o in ops:
+            count_time = by_name.setdefault(o["name"], [0, 0.0])
+            count_time[0] += 1
+            count_time[1] += o["dur_us"]
+    spans = [max(o["start_us"] + o["dur_us"] for o in ops) - ops[0]["start_us"] for ops in per_step]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(
+        kernels_per_step=sum(map(len, per_step)) / n,
+        kernel_us_per_step=sum(o["dur_us"] for ops in per_step for o in ops) / n,
+        span_us_per_step=statistics.median(spans),
+        top=[
+            dict(name=k[:max_name], kind=kernel_kind(k), per_step=c / n, us_per_step=t / n)
+            for k, (c, t) in ranked
+        ],
+    )
+
+
+def profile_decode(
+    llm, batch: int, prompt_len: int = 256, steps: int = 8, timeline: bool = False
+) -> dict:
+    """Decode steps of `batch` sequences: wall and runner time per step (unprofiled), then kernels
+    (CPU: operators) per step, their GPU time, the top ones, and with `timeline` one step's."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = llm.config.device == "cuda"
-    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 3)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2 * steps + 4)
     vocab = min(10000, llm.config.hf_config.vocab_size)
     ids = [
         llm.add_request([(7 * i + j) % vocab for j in range(prompt_len)], sp) for i in range(batch)
     ]
-    while llm.last_step is None or llm.last_step.is_prefill:  # prefill, then one decode step
+    llm.step()
+    while llm.last_step.is_prefill:  # the prefill (maybe in chunks), then one decode step
         llm.step()
+    if llm.last_step.num_seqs != batch:
+        raise RuntimeError(f"a decode step ran {llm.last_step.num_seqs} sequences, not {batch}")
+    wall = []
+    with runner_timer(llm) as calls:
+        for _ in range(steps):
+            sync()
+            t = time.perf_counter()
+            llm.step()
+            sync()
+            wall.append(time.perf_counter() - t)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        for _ in range(steps):
-            llm.step()
-        if cuda:
-            torch.cuda.synchronize()
+        for _ in range(steps + 1):
+            with record_function(STEP_MARK):
+                llm.step()
+                sync()
     for rid in ids:  # the rest of the run is not needed
         llm.abort_request(rid)
-    events = prof.key_averages()
-    kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
-    sort = "cuda_time_total" if cuda else "cpu_time_total"
-    return dict(
-        batch=batch,
-        steps=steps,
-        kernels_per_step=kernels / steps if cuda else None,
-        table=events.table(sort_by=sort, row_limit=12),
+    marks = [e for e in prof.events() if e.name == STEP_MARK and e.device_type.name == "CPU"]
+    starts = sorted(e.time_range.start for e in marks)
+    per_step = split_steps(profiled_ops(prof, cuda), starts)[1:]  # step 0 warmed the profiler
+    res = dict(batch=batch, steps=steps, ops="kernels" if cuda else "CPU operators")
+    res.update(
+        wall_us_per_step=statistics.median(wall) * 1e6,
+        runner_us_per_step=statistics.median(s for _, _, s in calls) * 1e6,
+        **step_stats(per_step),
     )
+    if timeline:
+        by_time = sorted(per_step, key=lambda ops: sum(o["dur_us"] for o in ops))
+        res["timeline"] = step_timeline(by_time[len(by_time) // 2])
+    return res
 
 
-def run_profile(model: str | None, batch_sizes, prompt_len: int = 256, **engine_kwargs) -> dict:
-    """`--profile`: profile_decode at each batch size, on one engine."""
+def run_profile(
+    model: str | None = None,
+    batch_sizes=(1, 256),
+    prompt_len: int = 256,
+    steps: int = 8,
+    **engine_kwargs,
+) -> dict:
+    """`--profile`: one engine per fuse_kernels setting (False, then True, unless given), each
+    profiling decode at every batch size (timeline at the smallest); every step's floor."""
+    path = model or random_checkpoint(QWEN3_0_6B)
     engine_kwargs.setdefault("max_num_seqs", max(batch_sizes))
-    with LLM(model or random_checkpoint(QWEN3_0_6B), **engine_kwargs) as llm:
-        return dict(profile=[profile_decode(llm, b, prompt_len) for b in batch_sizes])
+    fuse = engine_kwargs.pop("fuse_kernels", None)
+    res = dict(model=path, prompt_len=prompt_len, steps=steps, runs=[])
+    for f in [False, True] if fuse is None else [fuse]:
+        with LLM(path, fuse_kernels=f, **engine_kwargs) as llm:
+            dev = llm.config.device
+            if "bandwidth_GBps" not in res:  # the machine's numbers, once
+                res.update(about(dev), bandwidth_GBps=measure_bandwidth(dev) / 1e9)
+                res["weight_bytes"], res["kv_bytes_per_token"] = engine_bytes(llm)
+            llm.generate(["Benchmark: "], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
+            rows = [
+                profile_decode(llm, b, prompt_len, steps, timeline=b == min(batch_sizes))
+                for b in batch_sizes
+            ]
+            res["runs"].append(
+                dict(fuse_kernels=f, cuda_graphs=bool(llm.runner.graphs), profile=rows)
+            )
+        gc.collect()
+    context = prompt_len + 3 * steps // 2 + 2  # the middle of the profiled steps
+    for row in (r for run in res["runs"] for r in run["profile"]):
+        reads = step_bytes(res["weight_bytes"], res["kv_bytes_per_token"], [context] * row["batch"])
+        row["floor_us_per_step"] = reads / (res["bandwidth_GBps"] * 1e9) * 1e6
+    return res
 
 
 def table(res: dict) -> str:
@@ -430,18 +626,42 @@ def table(res: dict) -> str:
 
 
 def sweep_table(res: dict) -> str:
-    """The sweep as a markdown table: batch, decode tok/s, floor tok/s, fraction of the floor."""
+    """The sweep as a markdown table: batch, decode tok/s, floor tok/s, fraction of the floor, and
+    (where measured) the same for the model runner's share alone."""
+    runner = "runner_tokens_per_s" in res["sweep"][0]
     lines = [
         f"{res['device']}, {res['bandwidth_GBps']:,.1f} GB/s measured, prompt {res['prompt_len']} "
-        f"tokens, {res['new_tokens']} new tokens, CUDA graphs {res['cuda_graphs']}",
+        f"tokens, {res['new_tokens']} new tokens, CUDA graphs {res['cuda_graphs']}, "
+        f"commit {res.get('commit')}, {res.get('date')}",
         "",
-        "| batch | decode tok/s | floor tok/s | of the floor |",
-        "|---|---|---|---|",
+        "| batch | decode tok/s | floor tok/s | of the floor |"
+        + (" runner's share tok/s | of the floor |" if runner else ""),
+        "|---|---|---|---|" + ("---|---|" if runner else ""),
     ]
     for r in res["sweep"]:
-        lines.append(
-            f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['floor_tokens_per_s']:,.0f} | {r['fraction']:.2f} |"
-        )
+        cells = [r["batch"], f"{r['tokens_per_s']:,.0f}", f"{r['floor_tokens_per_s']:,.0f}"]
+        cells.append(f"{r['fraction']:.2f}")
+        if runner:
+            cells += [f"{r['runner_tokens_per_s']:,.0f}", f"{r['runner_fraction']:.2f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def profile_table(res: dict, top: int = 8) -> str:
+    """--profile's result as text: per engine and batch, the step's numbers and its top kernels."""
+    lines = [f"{res['device']}, commit {res['commit']}, {res['date']}"]
+    for run in res["runs"]:
+        for p in run["profile"]:
+            lines.append(
+                f"fuse_kernels={run['fuse_kernels']} batch {p['batch']}: "
+                f"{p['kernels_per_step']:.0f} {p['ops']}/step, {p['kernel_us_per_step']:,.0f} us "
+                f"busy, span {p['span_us_per_step']:,.0f} us, wall {p['wall_us_per_step']:,.0f} us"
+                f" (runner {p['runner_us_per_step']:,.0f} us), floor {p['floor_us_per_step']:,.0f} us"
+            )
+            lines += [
+                f"  {t['us_per_step']:9,.1f} us {t['per_step']:5.0f}x  {t['kind']:<17}  {t['name'][:70]}"
+                for t in p["top"][:top]
+            ]
     return "\n".join(lines)
 
 
@@ -453,6 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="1,4,16,64,256")
     ap.add_argument("--prompt-len", type=int, default=256, help="for --sweep and --profile")
     ap.add_argument("--new-tokens", type=int, default=256, help="for --sweep")
+    ap.add_argument("--steps", type=int, default=8, help="profiled decode steps")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input", type=int, default=1024)
     ap.add_argument("--max-output", type=int, default=1024)
@@ -471,9 +692,8 @@ def main(argv: list[str] | None = None) -> dict:
     kw.update(json.loads(a.engine))  # --engine has the last word
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     if a.profile:
-        res = run_profile(a.model, sizes, a.prompt_len, **kw)
-        for p in res["profile"]:
-            print(f"batch {p['batch']}: {p['kernels_per_step']} kernels/step\n{p['table']}")
+        res = run_profile(a.model, sizes, a.prompt_len, a.steps, **kw)
+        print(profile_table(res))
     elif a.sweep:
         res = run_sweep(a.model, sizes, a.prompt_len, a.new_tokens, **kw)
         print(sweep_table(res))

@@ -9,11 +9,13 @@ import json
 import random
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from cleanvllm.bench import (
     QWEN3_0_6B,
     decode_floor_seconds,
+    kernel_kind,
     kv_bytes_per_token,
     main,
     standard_workload,
@@ -94,8 +96,11 @@ def test_sweep_counts_decode_steps_and_sets_each_beside_its_floor(tiny_model, tm
         floor = sum(weights + kv * b * ctx for ctx in (9, 10, 11)) / bw
         assert r["floor_tokens_per_s"] == pytest.approx(3 * b / floor, rel=1e-9)
         assert r["fraction"] == pytest.approx(floor / r["seconds"], rel=1e-9)
+        # the model runner's share of the same steps: a part of their time, against the same floor
+        assert 0 < r["runner_seconds"] < r["seconds"]
+        assert r["runner_fraction"] == pytest.approx(floor / r["runner_seconds"], rel=1e-9)
     printed = capsys.readouterr().out
-    assert "| batch | decode tok/s | floor tok/s | of the floor |" in printed
+    assert "| batch | decode tok/s | floor tok/s | of the floor | runner's share tok/s |" in printed
     assert printed.count("\n| 1 |") == 1 and printed.count("\n| 3 |") == 1
 
 
@@ -106,10 +111,174 @@ def test_sweep_refuses_a_batch_larger_than_max_num_seqs(tiny_model):
         run_sweep(tiny_model, [1, 8], 8, 4, **dict(TINY_ENGINE, max_num_seqs=4))
 
 
+def test_runner_timer_times_each_runner_call_and_gives_the_method_back(tiny_model):
+    from cleanvllm.bench import runner_timer, timed_decode
+    from cleanvllm.engine import LLM
+    from cleanvllm.sampling_params import SamplingParams
 
-def test_profile_lists_the_models_matmuls_and_leaves_the_engine_idle(tiny_model, tmp_path):
-    res = main(["--profile", "--model", tiny_model, "--batch-sizes", "2", "--prompt-len", "8",
-                "--engine", json.dumps(TINY_ENGINE), "--out", str(tmp_path / "p.json")])
-    (prof,) = res["profile"]
-    assert prof["batch"] == 2 and prof["kernels_per_step"] is None  # kernels are counted on a GPU
-    assert "aten::mm" in prof["table"]  # the projections and the output head
+    with LLM(tiny_model, **TINY_ENGINE) as llm:
+        for prompt in ([1, 2, 3], [4, 5, 6, 7]):
+            llm.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+        got = timed_decode(llm)
+        assert got["tokens"] == 2 * 3 and 0 < got["runner_seconds"] < got["seconds"]
+        assert "execute" not in vars(llm.runner)
+        llm.add_request([1, 2], SamplingParams(max_tokens=3, ignore_eos=True))
+        with pytest.raises(KeyError):
+            with runner_timer(llm) as calls:
+                while llm.has_unfinished_requests():
+                    llm.step()
+                raise KeyError("inside the block")
+        assert "execute" not in vars(llm.runner), "an exception must not leave the wrapper in place"
+        # one prefill of 1 sequence, then 2 decode steps: as the scheduler ran them
+        assert [(p, n) for p, n, _ in calls] == [(True, 1), (False, 1), (False, 1)]
+
+
+KINDS_BY_HAND = {  # names as torch's profiler prints them (H100 kernels, CPU operators)
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x64x64_warpgroupsize1x1x1_cublas": "GEMM",
+    "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "GEMM",
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(T1::Params)": "GEMM",
+    "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4, false>": "GEMM",
+    "_paged_decode_kernel": "attention",
+    "_merge_splits_kernel": "attention",
+    "pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>": "attention",
+    "_rmsnorm_kernel": "norm/rotary/store",
+    "_rope_kernel": "norm/rotary/store",
+    "_store_kvcache_kernel": "norm/rotary/store",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::rsqrt_kernel_cuda(at::TensorIteratorBase&)>": "norm/rotary/store",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "sampler",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>": "sampler",
+    "_silu_mul_kernel": "other",
+    "Memcpy HtoD (Pinned -> Device)": "other",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+    "aten::linear": "GEMM",
+    "aten::mm": "GEMM",
+    "aten::scaled_dot_product_attention": "attention",
+    "aten::exponential_": "sampler",
+    "aten::embedding": "other",
+}
+
+
+@pytest.mark.parametrize("name", KINDS_BY_HAND)
+def test_kernel_kind_of_names_by_hand(name):
+    from cleanvllm.bench import KERNEL_KINDS, kernel_kind
+
+    assert kernel_kind(name) == KINDS_BY_HAND[name]
+    assert set(KERNEL_KINDS) == {"GEMM", "attention", "norm/rotary/store", "sampler"}
+
+
+def test_split_steps_and_step_stats_by_hand():
+    from cleanvllm.bench import split_steps, step_stats, step_timeline
+
+    ops = [dict(name="early", start_us=5.0, dur_us=1.0),  # before the first step: nobody's
+           dict(name="gemm_x", start_us=10.0, dur_us=4.0), dict(name="_rmsnorm_kernel", start_us=16.0, dur_us=1.0),
+           dict(name="gemm_x", start_us=30.0, dur_us=6.0), dict(name="gemm_x", start_us=37.0, dur_us=2.0),
+           dict(name="_rmsnorm_kernel", start_us=40.0, dur_us=3.0)]
+    steps = split_steps(ops, [8.0, 30.0])
+    assert steps == [ops[1:3], ops[3:]]
+    s = step_stats(steps)
+    assert s["kernels_per_step"] == 2.5
+    assert s["kernel_us_per_step"] == (4 + 1 + 6 + 2 + 3) / 2
+    assert s["span_us_per_step"] == ((17 - 10) + (43 - 30)) / 2
+    assert [(t["name"], t["per_step"], t["us_per_step"], t["kind"]) for t in s["top"]] == [
+        ("gemm_x", 1.5, 6.0, "GEMM"), ("_rmsnorm_kernel", 1.0, 2.0, "norm/rotary/store")]
+    line = step_timeline(steps[1])
+    assert [(t["start_us"], t["dur_us"], t["kind"]) for t in line] == [
+        (0.0, 6.0, "GEMM"), (7.0, 2.0, "GEMM"), (10.0, 3.0, "norm/rotary/store")]
+    with pytest.raises(ValueError):
+        step_stats([ops[1:3], []])  # a step without a kernel: the profile is broken
+
+
+def _event(name, device, start, end, annotation=False, parent=None, thread=1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device), is_user_annotation=annotation,
+                           time_range=SimpleNamespace(start=start, elapsed_us=lambda: end - start),
+                           cpu_parent=parent, thread=thread)
+
+
+def test_profiled_ops_keeps_gpu_kernels_and_outermost_cpu_operators():
+    from types import SimpleNamespace
+
+    from cleanvllm.bench import STEP_MARK, profiled_ops
+
+    mark = _event(STEP_MARK, "CPU", 0, 100, annotation=True)
+    linear = _event("aten::linear", "CPU", 10, 30, parent=mark)
+    events = [
+        mark, linear, _event("aten::mm", "CPU", 12, 28, parent=linear),  # inside linear: not outermost
+        _event("aten::mul", "CPU", 40, 45, parent=mark), _event("aten::add", "CPU", 50, 52, thread=2),
+        _event("cudaGraphLaunch", "CPU", 31, 35, parent=mark),  # a runtime call, not an operator
+        _event(STEP_MARK, "CUDA", 20, 90, annotation=True),  # the range, mirrored on the GPU
+        _event("_rmsnorm_kernel", "CUDA", 60, 62), _event("nvjet_tst_splitK", "CUDA", 40, 55),
+    ]
+    prof = SimpleNamespace(events=lambda: events)
+    gpu = profiled_ops(prof, cuda=True)
+    assert [(o["name"], o["start_us"], o["dur_us"]) for o in gpu] == [
+        ("nvjet_tst_splitK", 40, 15), ("_rmsnorm_kernel", 60, 2)]
+    cpu = profiled_ops(prof, cuda=False)  # thread 1 has two outermost operators, thread 2 one
+    assert [(o["name"], o["start_us"], o["dur_us"]) for o in cpu] == [("aten::linear", 10, 20), ("aten::mul", 40, 5)]
+
+
+def test_profile_json_on_cpu(tiny_model, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    main(["--profile", "--model", tiny_model, "--batch-sizes", "1,2", "--prompt-len", "8", "--steps", "2",
+          "--engine", json.dumps(TINY_ENGINE), "--out", str(out)])
+    res = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "commit", "date", "bandwidth_GBps", "weight_bytes", "runs"):
+        assert key in res, key
+    assert res["device"].startswith("cpu") and res["torch"] == torch.__version__
+    assert [r["fuse_kernels"] for r in res["runs"]] == [False, True]  # one engine each, same run
+    cfg = json.loads(open(f"{tiny_model}/config.json").read())
+    layers = cfg["num_hidden_layers"]
+    with safe_open(f"{tiny_model}/model.safetensors", "pt") as f:
+        weights = 4 * sum(f.get_tensor(k).numel() for k in f.keys())  # float32 on the CPU
+    assert res["weight_bytes"] == weights
+    kv = 2 * layers * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    context = 8 + 3 * 2 // 2 + 2  # the middle of the profiled steps
+    for run in res["runs"]:
+        assert [p["batch"] for p in run["profile"]] == [1, 2]
+        for p in run["profile"]:
+            top = {t["name"]: t for t in p["top"]}
+            # one aten::linear per projection (qkv, o, gate_up, down) per layer, plus the output head
+            assert top["aten::linear"]["per_step"] == 4 * layers + 1
+            assert top["aten::linear"]["kind"] == "GEMM"
+            assert 0 < p["runner_us_per_step"] <= p["wall_us_per_step"]
+            assert p["kernel_us_per_step"] <= p["span_us_per_step"] + 1e-6
+            floor = (weights + kv * context * p["batch"]) / (res["bandwidth_GBps"] * 1e9) * 1e6
+            assert p["floor_us_per_step"] == pytest.approx(floor, rel=1e-9)
+        assert "timeline" in run["profile"][0] and "timeline" not in run["profile"][1]  # smallest only
+        line = run["profile"][0]["timeline"]
+        assert line[0]["start_us"] == 0 and len(line) > 4 * layers
+        for a, b in zip(line, line[1:]):  # in time order, and on one CPU thread never overlapping
+            assert a["start_us"] + a["dur_us"] <= b["start_us"] + 1e-3
+        assert all(t["kind"] == kernel_kind(t["name"]) for t in line)
+        assert sum(t["name"] == "aten::scaled_dot_product_attention" for t in line) == layers
+    printed = capsys.readouterr().out
+    assert "fuse_kernels=False batch 1:" in printed and "fuse_kernels=True batch 2:" in printed
+
+
+def test_profile_leaves_the_engine_idle_and_the_runner_unwrapped(tiny_model):
+    from cleanvllm.bench import profile_decode
+    from cleanvllm.engine import LLM
+
+    with LLM(tiny_model, **TINY_ENGINE) as llm:
+        p = profile_decode(llm, batch=3, prompt_len=8, steps=2)
+        assert not llm.has_unfinished_requests() and "execute" not in vars(llm.runner)
+        assert p["batch"] == 3 and p["ops"] == "CPU operators" and "timeline" not in p
+        p = profile_decode(llm, batch=1, prompt_len=8, steps=2, timeline=True)  # the engine is reusable
+        assert p["timeline"][0]["start_us"] == 0
+
+
+def test_about_names_this_checkout(monkeypatch):
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    from cleanvllm.bench import about
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    got = about("cpu")
+    head = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    assert got["commit"].split("+")[0] == head
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(got["date"])
+    assert abs(age.total_seconds()) < 60
+    assert got["torch"] == torch.__version__ and got["device"].startswith("cpu")
