@@ -567,7 +567,8 @@ def run_profile(
         with LLM(path, fuse_kernels=f, **engine_kwargs) as llm:
             dev = llm.config.device
             if "bandwidth_GBps" not in res:  # the machine's numbers, once
-                res.update(about(dev), bandwidth_GBps=measure_bandwidth(dev) / 1e9)
+                bandwidth = measure_bandwidth(dev, (1 << 30) if dev == "cuda" else 64 << 20)
+                res.update(about(dev), bandwidth_GBps=bandwidth / 1e9)
                 res["weight_bytes"], res["kv_bytes_per_token"] = engine_bytes(llm)
             llm.generate(["Benchmark: "], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
             rows = [
