@@ -410,7 +410,7 @@ def run_sweep(
 GEMM_NAMES = ("gemm", "gemv", "matmul", "cublas", "cutlass", "nvjet", "splitk", "xmma", "aten::mm")
 KERNEL_KINDS = {  # kind: fragments of a lower-cased kernel or operator name; the first match wins
     "attention": ("attention", "attn", "paged", "flash", "merge_splits"),
-    "sampler": ("sampl", "softmax", "exponential", "argmax", "topk", "multinomial", "gumbel"),
+    "sampler": ("sampl", "softmax", "exponential", "argmax", "topk", "gumbel", "pick_chunk"),
     "norm/rotary/store": ("norm", "rope", "rotary", "store", "kvcache", "rsqrt", "pow", "mean"),
     "GEMM": GEMM_NAMES + ("aten::addmm", "aten::linear"),
 }

@@ -144,6 +144,9 @@ KINDS_BY_HAND = {  # names as torch's profiler prints them (H100 kernels, CPU op
     "_rmsnorm_kernel": "norm/rotary/store",
     "_rope_kernel": "norm/rotary/store",
     "_store_kvcache_kernel": "norm/rotary/store",
+    "_qk_norm_rope_store_kernel": "norm/rotary/store",  # the fused kernel of chapters 5-6
+    "_gumbel_max_kernel": "sampler",  # the one-pass sampler of chapter 7 and its merge
+    "_pick_chunk_kernel": "sampler",
     "void at::native::vectorized_elementwise_kernel<4, at::native::rsqrt_kernel_cuda(at::TensorIteratorBase&)>": "norm/rotary/store",
     "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "sampler",
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>": "sampler",
