@@ -2,7 +2,9 @@
 """The offline benchmark of chapter 9, measured against the memory-bandwidth floor.
 
 `python -m cleanvllm.bench` runs nano-vLLM's workload (256 requests) and reports tokens/s beside the
-floor; `--sweep` measures decode tokens/s at batch sizes 1, 4, 16, 64 and 256, each beside its floor.
+floor; `--sweep` measures decode tokens/s at batch sizes 1, 4, 16, 64 and 256, each beside its floor;
+`--profile` records the kernels of a decode step, their time and one step's timeline, with and
+without the fused kernels.
 """
 
 import argparse
