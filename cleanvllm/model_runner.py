@@ -22,7 +22,7 @@ from cleanvllm.context import reset_context, set_context
 from cleanvllm.layers import TPGroup
 from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
-from cleanvllm.sampler import is_plain, sample, sample_temperature
+from cleanvllm.sampler import is_plain, sample, sample_temperature, sample_temperature_triton
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.sequence import Sequence
 
@@ -152,7 +152,9 @@ class ModelRunner:
         torch.set_default_dtype(c.torch_dtype)
         try:
             with torch.device(self.device):
-                model = Qwen3ForCausalLM(c.hf_config, c.max_model_len, c.attention_backend, tp=self.tp)
+                model = Qwen3ForCausalLM(
+                    c.hf_config, c.max_model_len, c.attention_backend, self.tp, c.fuse_kernels
+                )
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(model, c.model)
@@ -169,6 +171,7 @@ class ModelRunner:
             cu_seqlens_q=(s + 1,),
             context_lens=(s,),
             block_tables=(s, w),
+            step_seed=(1,),  # the in-graph sampler's seed, fresh at every step (step 6b)
         )
         total = sum(math.prod(v) for v in shapes.values())
         pin = self.device.type == "cuda"
@@ -230,6 +233,8 @@ class ModelRunner:
             h["context_lens"][b:rows] = 1
             h["block_tables"][b:rows, 0] = 0
         self.temp_host.numpy()[:b] = [p.temperature for p in batch.params]
+        # drawn from torch's generator: torch.manual_seed makes a run repeatable, as with exponential_()
+        h["step_seed"][0] = torch.randint(1 << 62, (1,)).item()
         if self.dev is not self.host:  # one copy of each; the step's sync orders their reuse
             self.temp_dev.copy_(self.temp_host, non_blocking=True)
             self.dev.copy_(self.host, non_blocking=True)
@@ -366,7 +371,12 @@ class ModelRunner:
         if self.graph_samples:
             logits = self.model.compute_logits(hidden)
             self.graph_logits[:rows] = logits
-            self.graph_tokens[:rows] = sample_temperature(logits, self.temp_dev[:rows])
+            temps = self.temp_dev[:rows]
+            if self.config.fuse_kernels:  # one pass over the logits (step 6b)
+                tokens = sample_temperature_triton(logits, temps, self.buf["step_seed"])
+            else:
+                tokens = sample_temperature(logits, temps)
+            self.graph_tokens[:rows] = tokens
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

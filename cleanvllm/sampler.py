@@ -7,6 +7,8 @@ the token) alone, so its tokens never depend on the batch it runs in.
 """
 
 import torch
+import triton
+import triton.language as tl
 
 from cleanvllm.sampling_params import GREEDY_EPSILON, SamplingParams
 
@@ -119,3 +121,48 @@ def sample(
         probs = min_p_filter(probs, torch.tensor([float(p.min_p) for p in params], device=dev))
     noise = race_noise(probs, [p.seed for p in params], num_generated)
     return torch.where(greedy, greedy_ids, exponential_race(probs, noise))
+
+
+@triton.jit
+def _gumbel_max_kernel(
+    LOGITS, stride, TEMPS, SEED, BEST, BEST_ID, vocab, GREEDY_EPS: tl.constexpr,
+    CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    row, split = tl.program_id(0), tl.program_id(1)
+    t = tl.load(TEMPS + row)
+    greedy = t < GREEDY_EPS
+    offs = split * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < vocab
+    x = tl.load(LOGITS + row * stride + offs, mask=inside, other=float("-inf")).to(tl.float32)
+    u = tl.rand(tl.load(SEED), row * vocab + offs)  # uniform in [0, 1), one per (step, row, token)
+    score = tl.where(greedy, x, x / tl.where(greedy, 1.0, t) - tl.log(-tl.log(u)))
+    score = tl.where(inside, score, float("-inf"))
+    tl.store(BEST + row * SPLITS + split, tl.max(score, 0))
+    tl.store(BEST_ID + row * SPLITS + split, split * CHUNK + tl.argmax(score, 0))
+
+
+@triton.jit
+def _pick_chunk_kernel(BEST, BEST_ID, OUT, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+    row, s = tl.program_id(0), tl.arange(0, S_PAD)
+    best = tl.load(BEST + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    first = tl.argmax(best, 0)  # the first chunk holding the maximum: the smallest token id
+    tl.store(OUT + row, tl.load(BEST_ID + row * SPLITS + first))
+
+
+def sample_temperature_triton(
+    logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """sample_temperature in one pass over the logits (Gumbel-max). seed: a one-element integer
+    tensor, a fresh value every step (read on the device, so a CUDA graph can replay it)."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1 and chunk & (chunk - 1) == 0, "contiguous rows, power-of-two chunk"
+    splits = triton.cdiv(vocab, chunk)
+    best = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    best_id = torch.empty(rows, splits, dtype=torch.int64, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    _gumbel_max_kernel[(rows, splits)](
+        logits, logits.stride(0), temps, seed, best, best_id, vocab,
+        GREEDY_EPS=GREEDY_EPSILON, CHUNK=chunk, SPLITS=splits,
+    )  # fmt: skip
+    _pick_chunk_kernel[(rows,)](best, best_id, out, splits, triton.next_power_of_2(splits))
+    return out

@@ -25,6 +25,19 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model):
     assert outs[False] == outs[True]
 
 
+def test_fused_kernels_give_the_same_tokens_as_one_kernel_per_operation(tiny_model):
+    """bf16: the fused q/k-norm + rotary + store kernel rounds like the separate kernels and the
+    one-pass sampler's greedy rows are argmax, so greedy tokens are identical."""
+    ps = _prompts([3, 17, 40, 9, 64, 5, 33, 250])
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outs = {}
+    for fuse in (False, True):
+        with LLM(tiny_model, fuse_kernels=fuse, max_model_len=1024, dtype="bfloat16") as llm:
+            assert llm.runner.graphs and llm.runner.model.model.layers[0].self_attn.fuse == fuse
+            outs[fuse] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+    assert outs[True] == outs[False]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_parity_with_transformers_on_gpu(tiny_model, dtype):
     """bf16: identical for the first 16 tokens, or each divergence explained by a small HF margin."""
