@@ -406,7 +406,9 @@ def rope_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_s
 
 
 @triton.jit
-def _norm_rotate(x1, x2, w1, w2, cos, sin, eps, D: tl.constexpr, NORM: tl.constexpr, dt):
+def _norm_rotate(
+    x1, x2, w1, w2, cos, sin, eps, D: tl.constexpr, NORM: tl.constexpr, dt: tl.constexpr
+):
     """Heads as halves x1, x2 [heads, D/2] (float32): RMSNorm over both halves (if NORM), then
     the rotary rotation; rounded to dt where rmsnorm_triton and rope_triton round."""
     if NORM:
@@ -424,7 +426,8 @@ def _qk_norm_rope_store_kernel(
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    token, dt = tl.program_id(0), Q_OUT.dtype.element_ty
+    token = tl.program_id(0)
+    dt = Q_OUT.dtype.element_ty
     D: tl.constexpr = 2 * HALF
     pos, half = tl.load(POS + token), tl.arange(0, HALF_PAD)[None, :]
     cos = tl.load(CS + pos * D + half, mask=half < HALF, other=0.0).to(dt).to(tl.float32)
