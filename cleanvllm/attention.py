@@ -218,7 +218,8 @@ def decode_partials(
     lse_part: torch.Tensor,
     block_n: int | None = None,
 ) -> None:
-    """Fill o_part [B, heads, splits, head_dim] and lse_part [B, heads, splits] (float32)."""
+    """Fill o_part [B, heads, splits, head_dim] (float32, or the output's dtype with one split) and
+    lse_part [B, heads, splits] (float32)."""
     b, heads, hd = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     splits, group, block_n = o_part.shape[2], heads // kvh, block_n or min(64, bs)
@@ -267,12 +268,18 @@ def paged_decode_triton(
         raise ValueError(
             f"num_splits={splits} must be a power of two (the merge kernel's tl.arange)"
         )
-    o_part = torch.empty(b, heads, splits, hd, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
     lse_part = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
+    if splits == 1:  # the one partial is the answer: store it in place, no merge kernel
+        o_direct = out.view(b, heads, 1, hd)
+        decode_partials(
+            q, k_cache, v_cache, context_lens, block_tables, scale, o_direct, lse_part, block_n
+        )
+        return out
+    o_part = torch.empty(b, heads, splits, hd, dtype=torch.float32, device=q.device)
     decode_partials(
         q, k_cache, v_cache, context_lens, block_tables, scale, o_part, lse_part, block_n
     )
-    out = torch.empty_like(q)
     _merge_splits_kernel[(b, heads)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HEADS=heads, HEAD_DIM=hd, D_PAD=triton.next_power_of_2(hd), NUM_SPLITS=splits,
