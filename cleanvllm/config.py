@@ -72,7 +72,7 @@ def attention_shape(hf_config) -> tuple[int, int, int]:
 
 INT_SETTINGS = ("max_num_batched_tokens", "max_num_seqs", "kvcache_block_size",
                 "tensor_parallel_size", "cpu_kvcache_bytes")  # fmt: skip
-BOOL_SETTINGS = ("enforce_eager", "fuse_kernels")
+BOOL_SETTINGS = ("enforce_eager", "fuse_kernels", "async_scheduling")
 
 
 def refuse(name: str, value, allowed: str):
@@ -189,6 +189,7 @@ class Config:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     fuse_kernels: bool = True  # chapter 9 compares False: one small kernel per operation
+    async_scheduling: bool = True  # launch the next decode step before reading this one (ch. 8)
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1  # > 0 overrides the automatic sizing
     cpu_kvcache_bytes: int = 1 << 30  # KV-cache budget when running on the CPU

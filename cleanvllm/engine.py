@@ -15,16 +15,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import ModelRunner, free_port, prepare_batch, run_worker
+from cleanvllm.model_runner import ModelRunner, StepBatch, free_port, prepare_batch, run_worker
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import Scheduler
-from cleanvllm.sequence import Sequence
+from cleanvllm.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -97,6 +98,7 @@ class LLMEngine:
         )
         self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
         self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
+        self.pending = None  # a decode step launched and not yet collected (step 5b)
         self.last_step: StepStats | None = None
 
     def _eos_ids(self) -> list[int]:
@@ -190,29 +192,56 @@ class LLMEngine:
         if self.closed:
             raise RuntimeError("this engine is closed")
         outputs, self.unreported = self.unreported, {}
-        if not self.scheduler.waiting and not self.scheduler.running:
+        if self.pending is None and not self.scheduler.waiting and not self.scheduler.running:
             self.last_step = StepStats(False, 0, 0)
             return list(outputs.values())
         try:
             with _sigint_deferred():
-                seqs, is_prefill = self.scheduler.schedule()
-                batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-                token_ids = self._execute(batch)
-                lengths = [len(seq) for seq in seqs]
-                self.scheduler.postprocess(seqs, token_ids)
-                for seq, n in zip(seqs, lengths):
-                    if len(seq) > n:  # it got a token
-                        out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
-                        if out is not None:
-                            outputs[seq.seq_id] = out
-                        if seq.is_finished:  # reported: the engine forgets it
-                            del self.requests[seq.seq_id]
+                if self.pending is None:
+                    seqs, is_prefill = self.scheduler.schedule()
+                    batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+                    if is_prefill or self.workers or not self.config.async_scheduling:  # run it now
+                        self._take_tokens(seqs, self._execute(batch), outputs, quiet, ahead=False)
+                        self.last_step = StepStats(is_prefill, len(batch.input_ids), len(seqs))
+                        return list(outputs.values())
+                    self.pending = (seqs, self.runner.launch(batch), False)
+                seqs, launched, ahead = self.pending
+                self.pending = self._launch_ahead(seqs, launched)  # before we wait for `launched`
+                self._take_tokens(seqs, self.runner.collect(launched), outputs, quiet, ahead)
         except BaseException:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
-        self.last_step = StepStats(is_prefill, len(batch.input_ids), len(seqs))
+        self.last_step = StepStats(False, len(seqs), len(seqs))
         return list(outputs.values())
+
+    def _take_tokens(self, seqs: list, token_ids: list[int], outputs: dict, quiet, ahead: bool) -> None:
+        """Record a step's tokens. A sequence that finished or was aborted while its decode step ran
+        (launched ahead, step 5b) is no longer running: its token is dropped."""
+        if ahead:  # its sequences' bookkeeping is one token behind: it counts that token now
+            kept = [(s, t) for s, t in zip(seqs, token_ids) if s.status == SequenceStatus.RUNNING]
+            seqs, token_ids = [s for s, _ in kept], [t for _, t in kept]
+            for seq in seqs:
+                seq.num_scheduled_tokens = 1
+        lengths = [len(seq) for seq in seqs]
+        self.scheduler.postprocess(seqs, token_ids)
+        for seq, n in zip(seqs, lengths):
+            if len(seq) > n:  # it got a token
+                out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
+                if out is not None:
+                    outputs[seq.seq_id] = out
+                if seq.is_finished:  # reported: the engine forgets it
+                    del self.requests[seq.seq_id]
+
+    def _launch_ahead(self, seqs: list[Sequence], launched):
+        """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
+        the new pending step, or None."""
+        go = self.scheduler.schedule_ahead(seqs)
+        if go is None:
+            return None
+        row = {s.seq_id: i for i, s in enumerate(seqs)}
+        batch = prepare_ahead(go, self.config.kvcache_block_size)
+        return go, self.runner.launch(batch, launched, [row[s.seq_id] for s in go]), True
 
     def _execute(self, batch) -> list[int]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
@@ -274,6 +303,10 @@ class LLMEngine:
 
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
+        if self.pending is not None:  # a step launched ahead: dropped, its sequences are recomputed
+            self.pending = None
+            if self.config.device == "cuda" and not self.closed:
+                torch.cuda.synchronize()  # no copy of it may still read the host buffers we reuse
         if self.workers and self._ranks_busy:  # ranks may be out of step: never risk wrong output
             self.close()
         if self.closed:
@@ -417,7 +450,7 @@ class LLMEngine:
         """Stop the workers and free the model and KV cache; safe to call twice."""
         if getattr(self, "closed", True):
             return
-        self.closed = True
+        self.closed, self.pending = True, None
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -445,6 +478,21 @@ class LLMEngine:
             self.close()
         except Exception:
             pass
+
+
+def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
+    """The decode batch of the token after each sequence's newest one, built before that newest
+    token is known: its input ids are placeholders (the runner takes them on the device)."""
+    pos = [len(s) for s in seqs]  # the newest token (still on the GPU) will sit at index len(s)
+    slots = [
+        s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
+    ]
+    n = len(seqs)
+    return StepBatch(
+        False, [0] * n, pos, slots, list(range(n + 1)), [p + 1 for p in pos],
+        [s.block_table for s in seqs], [s.sampling_params for s in seqs],
+        [s.num_completion_tokens + 1 for s in seqs],
+    )  # fmt: skip
 
 
 def _held_back(text: str, stops: list[str]) -> int:

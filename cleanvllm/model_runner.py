@@ -161,7 +161,8 @@ class ModelRunner:
         return model.eval()
 
     def _allocate_buffers(self) -> None:
-        """Views self.buf[name] (device) and self.hbuf[name] (host, numpy) into one flat buffer each."""
+        """Views self.buf[name] into one flat device buffer, and self.hbufs[t][name] (numpy) into its
+        host twins: two on a GPU, used in turn, so a step can be staged while the last one copies."""
         c, w = self.config, self.max_blocks_per_seq
         n, s = max(c.max_num_batched_tokens, c.max_num_seqs), c.max_num_seqs
         shapes = dict(
@@ -172,20 +173,24 @@ class ModelRunner:
             context_lens=(s,),
             block_tables=(s, w),
             step_seed=(1,),  # the in-graph sampler's seed, fresh at every step (step 6b)
+            prev_rows=(s,),  # a step launched ahead: where each input id comes from (step 18)
         )
         total = sum(math.prod(v) for v in shapes.values())
         pin = self.device.type == "cuda"
-        self.host = torch.zeros(total, dtype=torch.int64, pin_memory=pin)
-        self.dev = torch.zeros(total, dtype=torch.int64, device=self.device) if pin else self.host
-        self.temp_host = torch.zeros(s, dtype=torch.float32, pin_memory=pin)
-        self.temp_dev = torch.zeros(s, device=self.device) if pin else self.temp_host
-        self.buf, self.hbuf, off = {}, {}, 0
-        host_np = self.host.numpy()
+        twins = 2 if pin else 1  # on a CPU the host buffer *is* the device buffer
+        self.hosts = [torch.zeros(total, dtype=torch.int64, pin_memory=pin) for _ in range(twins)]
+        self.dev = torch.zeros(total, dtype=torch.int64, device=self.device) if pin else self.hosts[0]
+        self.temp_hosts = [torch.zeros(s, dtype=torch.float32, pin_memory=pin) for _ in range(twins)]
+        self.temp_dev = torch.zeros(s, device=self.device) if pin else self.temp_hosts[0]
+        self.token_hosts = [torch.zeros(s, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.buf, self.hbufs, off = {}, [{} for _ in range(twins)], 0
         for name, shape in shapes.items():
             size = math.prod(shape)
             self.buf[name] = self.dev[off : off + size].view(shape)
-            self.hbuf[name] = host_np[off : off + size].reshape(shape)
+            for h, host in zip(self.hbufs, self.hosts):
+                h[name] = host.numpy()[off : off + size].reshape(shape)
             off += size
+        self.turn, self.hbuf, self.token_turn = 0, self.hbufs[0], 0
 
     def block_bytes(self) -> int:
         """Bytes of one KV block on this rank: K and V of block_size tokens in every layer."""
@@ -215,10 +220,12 @@ class ModelRunner:
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
-    def _stage(self, batch: StepBatch, rows: int) -> None:
-        """Write the batch into the host buffer, padded to `rows` sequences, and copy it over."""
-        h, b, n = self.hbuf, batch.num_seqs, len(batch.input_ids)
-        pad = rows - b
+    def _stage(self, batch: StepBatch, rows: int, prev=None, prev_rows=None) -> None:
+        """Write the batch into a host buffer, padded to `rows` sequences, and copy it over. prev: a
+        step still running whose tokens are this step's input ids (row i takes row prev_rows[i])."""
+        self.turn = (self.turn + 1) % len(self.hbufs)
+        h, b, n = self.hbufs[self.turn], batch.num_seqs, len(batch.input_ids)
+        self.hbuf, pad = h, rows - b
         h["input_ids"][:n] = batch.input_ids
         h["positions"][:n] = batch.positions
         h["slot_mapping"][:n] = batch.slot_mapping
@@ -232,12 +239,18 @@ class ModelRunner:
             h["cu_seqlens_q"][b + 1 : rows + 1] = range(n + 1, n + pad + 1)
             h["context_lens"][b:rows] = 1
             h["block_tables"][b:rows, 0] = 0
-        self.temp_host.numpy()[:b] = [p.temperature for p in batch.params]
+        temps = self.temp_hosts[self.turn]
+        temps.numpy()[:b] = [p.temperature for p in batch.params]
         # drawn from torch's generator: torch.manual_seed makes a run repeatable, as with exponential_()
         h["step_seed"][0] = torch.randint(1 << 62, (1,)).item()
-        if self.dev is not self.host:  # one copy of each; the step's sync orders their reuse
-            self.temp_dev.copy_(self.temp_host, non_blocking=True)
-            self.dev.copy_(self.host, non_blocking=True)
+        if prev is not None:
+            h["prev_rows"][:n] = prev_rows
+        if self.dev is not self.hosts[0]:  # one copy of each, queued behind the running step
+            self.temp_dev.copy_(temps, non_blocking=True)
+            self.dev.copy_(self.hosts[self.turn], non_blocking=True)
+        if prev is not None:  # on the device, in stream order: after `prev` has sampled them
+            ids = self.buf["input_ids"]
+            ids[:n] = prev.tokens[self.buf["prev_rows"][:n]]
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         b, cu_k = self.buf, None
@@ -254,10 +267,10 @@ class ModelRunner:
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
         )
 
-    def _run_eager(self, batch: StepBatch) -> torch.Tensor:
+    def _run_eager(self, batch: StepBatch, prev=None, prev_rows=None) -> torch.Tensor:
         """The model on the batch as it is; the hidden state of each sequence's last new token."""
         rows, n = batch.num_seqs, len(batch.input_ids)
-        self._stage(batch, rows)
+        self._stage(batch, rows, prev, prev_rows)
         self._context(batch, rows, max(len(t) for t in batch.block_tables))
         try:
             hidden = self.model(self.buf["input_ids"][:n], self.buf["positions"][:n])
@@ -343,26 +356,48 @@ class ModelRunner:
         return num
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> list[int] | None:
-        """Run one step; rank 0 returns one sampled token id per sequence, other ranks None."""
-        rows = batch.num_seqs
+    def launch(self, batch: StepBatch, prev: "Launched | None" = None, prev_rows=None) -> "Launched":
+        """Start one step and return without waiting for the GPU. prev, prev_rows: a decode step
+        launched behind `prev`, whose row i takes as input id the token of prev's row prev_rows[i]."""
+        rows, tokens = batch.num_seqs, None
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
         )
         if graph_rows is None:
-            logits = self.model.compute_logits(self._run_eager(batch))
+            logits = self.model.compute_logits(self._run_eager(batch, prev, prev_rows))
         else:
-            self._stage(batch, graph_rows)
+            self._stage(batch, graph_rows, prev, prev_rows)
             self.graphs[graph_rows].replay()
             if not self.graph_samples:  # tensor parallel: logits are gathered outside the graph
                 logits = self.model.compute_logits(self.graph_out[:rows])
             elif all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
-                return self.graph_tokens[:rows].tolist()  # the graph has sampled them already
+                tokens = self.graph_tokens[:rows]  # the graph has sampled them already
             else:
                 logits = self.graph_logits[:rows]
-        if logits is None:  # rank > 0: rank 0 gathered the logits and samples
+        if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
+            return Launched(None, None)
+        if tokens is None:
+            tokens = sample(logits, batch.params, batch.num_generated, self.config.eos_token_ids)
+        if not tokens.is_cuda:
+            return Launched(tokens, tokens)
+        self.token_turn ^= 1  # two host buffers: the previous step's tokens may still be unread
+        host = self.token_hosts[self.token_turn][:rows]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(tokens, host, done)
+
+    def collect(self, step: "Launched") -> list[int] | None:
+        """Wait for a launched step; rank 0 gets one sampled token id per sequence, other ranks None."""
+        if step.host is None:
             return None
-        return sample(logits, batch.params, batch.num_generated, self.config.eos_token_ids).tolist()
+        if step.done is not None:
+            step.done.synchronize()  # this step only: a step launched after it keeps running
+        return step.host.tolist()
+
+    def execute(self, batch: StepBatch) -> list[int] | None:
+        """Run one step; rank 0 returns one sampled token id per sequence, other ranks None."""
+        return self.collect(self.launch(batch))
 
     def _graph_body(self, rows: int) -> None:
         """What a decode graph records: the model, then (one rank) logits and temperature sampling."""
@@ -402,6 +437,16 @@ class ModelRunner:
             self.graphs[rows] = graph
             reset_context()
         torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Launched:
+    """A step on its way: its sampled token ids on the device and, once `done` has fired, on the
+    host (rank 0; None on the other ranks). On a CPU the step has already run: `done` is None."""
+
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None
+    done: object = None  # torch.cuda.Event
 
 
 def run_worker(config: Config, rank: int, port: int | None, conn) -> None:

@@ -166,3 +166,18 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.status != SequenceStatus.FINISHED:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+
+    def schedule_ahead(self, seqs: list[Sequence]) -> list[Sequence] | None:
+        """The sequences of a decode step still running that will surely decode again, each given room
+        for its next token; None when schedule() must decide (requests waiting, or too few blocks)."""
+        if self.waiting:
+            return None
+        go = [
+            s
+            for s in seqs
+            if s.status == SequenceStatus.RUNNING
+            and s.num_completion_tokens + 1 < s.sampling_params.max_tokens
+        ]
+        if not go or not self.block_manager.reserve_ahead(go):
+            return None
+        return go

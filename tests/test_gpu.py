@@ -38,6 +38,23 @@ def test_fused_kernels_give_the_same_tokens_as_one_kernel_per_operation(tiny_mod
     assert outs[True] == outs[False]
 
 
+def test_async_scheduling_gives_the_same_tokens_on_gpu(tiny_model):
+    """Decode steps launched ahead on CUDA graphs (input ids gathered on the device from the step
+    before) give the tokens of the plain loop: greedy rows, a seeded row (eager sampler on graph
+    logits), a row that ends early on a stop token (its launched-ahead token dropped)."""
+    ps = _prompts([3, 17, 40, 9, 64, 5, 33, 250])
+    outs = {}
+    for on in (False, True):
+        with LLM(tiny_model, async_scheduling=on, max_model_len=1024, dtype="float32") as llm:
+            first = llm.generate([ps[0]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+            sps = [SamplingParams(temperature=0, max_tokens=40 + 3 * i, ignore_eos=True) for i in range(len(ps))]
+            sps[1] = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[5]])
+            sps[2] = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
+            outs[on] = [o.token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
+            assert llm.pending is None or all(s.is_finished for s in llm.pending[0])
+    assert outs[True] == outs[False]
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_parity_with_transformers_on_gpu(tiny_model, dtype, fuse):

@@ -167,30 +167,33 @@ def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_mod
     assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
 
-POINTS = ["schedule", "prepare_batch", "execute", "postprocess:before", "postprocess:after",
-          "update"]
+# (point, which call of it): a prefill runs through execute, the first decode step through
+# schedule and launch, later ones are launched ahead (schedule_ahead) and read by collect
+POINTS = [("schedule", 2), ("prepare_batch", 2), ("execute", 1), ("launch", 3),
+          ("schedule_ahead", 3), ("collect", 4), ("postprocess:before", 4), ("postprocess:after", 4),
+          ("update", 4)]
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, point):
-    """Item 3: interrupt generate() inside its 4th step, at each point of the step. Its own
-    requests are aborted (twice: idempotent), a request added earlier with add_request survives
-    with exact greedy tokens, the pool stays sound, and the next call's outputs are exact."""
+@pytest.mark.parametrize("point,nth", POINTS)
+def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, point, nth):
+    """Item 3: interrupt generate() at the nth call of each point of a step. Its own requests are
+    aborted (twice: idempotent), a request added earlier with add_request survives with exact
+    greedy tokens, the pool stays sound, and the next call's outputs are exact."""
     import cleanvllm.engine as engine_module
 
     ps, other = _prompts([5, 20, 9], seed=12), _prompts([13], seed=13)[0]
     other_id = llm.add_request(other, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     name, _, when = point.partition(":")
-    owner = {"prepare_batch": engine_module, "execute": llm.runner, "update": llm}.get(
-        name, llm.scheduler)
+    owner = {"prepare_batch": engine_module, "execute": llm.runner, "launch": llm.runner,
+             "collect": llm.runner, "update": llm}.get(name, llm.scheduler)
     real, calls = getattr(owner, {"update": "_update"}.get(name, name)), {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4 and when == "before":
+        if calls["n"] == nth and when == "before":
             raise KeyboardInterrupt
         result = real(*args, **kwargs)
-        if calls["n"] == 4:
+        if calls["n"] == nth:
             raise KeyboardInterrupt
         return result
 
@@ -201,7 +204,7 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         llm.generate(ps, GREEDY, use_tqdm=False)
     monkeypatch.undo()
-    assert calls["n"] >= 4
+    assert calls["n"] >= nth
     for rid in own:
         llm.abort_request(rid)  # again: a no-op
         assert rid not in llm.requests
