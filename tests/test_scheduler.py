@@ -121,3 +121,31 @@ def test_a_corrupted_block_table_changes_the_fake_models_output(monkeypatch):
     monkeypatch.setattr(BlockManager, "allocate", wrong_hit)
     bad = run()
     assert bad[0] == good[0] and bad[1] != good[1]
+
+
+def test_blocks_filled_by_decode_enter_the_prefix_cache_once_each(monkeypatch):
+    """postprocess registers a block when decoding fills it (a later prompt that repeats the text
+    hits it), and calls hash_blocks only at those steps, not once per token."""
+    bs, prompt = 4, [1, 2, 3, 4, 5]
+    calls, real = [], BlockManager.hash_blocks
+
+    def counting(self, seq):
+        calls.append(seq.num_cached_tokens)
+        real(self, seq)
+
+    monkeypatch.setattr(BlockManager, "hash_blocks", counting)
+    bm = BlockManager(16, bs)
+    sch = Scheduler(4, 64, bm)
+    seq = Sequence(prompt, SamplingParams(max_tokens=20, ignore_eos=True), block_size=bs)
+    sch.add(seq)
+    for step in range(9):  # one prefill step, then 8 decode steps: 14 tokens, 13 computed
+        batch, _ = sch.schedule()
+        sch.postprocess(batch, [100 + step])
+    assert len(seq) == 14 and seq.num_cached_tokens == 13
+    # by hand: blocks fill when 4, 8 and 12 tokens are computed; the prefill computed 5 at once
+    assert calls == [5, 8, 12]
+    assert seq.num_hashed_blocks == 3
+    again = Sequence(seq.token_ids[:12] + [7], block_size=bs)
+    assert bm.can_allocate(again)
+    bm.allocate(again)
+    assert again.num_cached_tokens == 12 and again.block_table[:3] == seq.block_table[:3]
