@@ -95,7 +95,8 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             while not self.block_manager.can_append(seq):
-                victim = self._pick_victim([s for s in self.running if s not in scheduled])
+                taken = set(scheduled)  # in a list, `in` would cost len(scheduled) comparisons each
+                victim = self._pick_victim([s for s in self.running if s not in taken])
                 self.preempt(victim)
                 if victim is seq:
                     break

@@ -149,3 +149,28 @@ def test_blocks_filled_by_decode_enter_the_prefix_cache_once_each(monkeypatch):
     assert bm.can_allocate(again)
     bm.allocate(again)
     assert again.num_cached_tokens == 12 and again.block_table[:3] == seq.block_table[:3]
+
+
+def test_preemption_candidates_are_the_running_sequences_not_yet_scheduled(monkeypatch):
+    """Four 4-token prompts fill a block each in a pool of 5; their first decode token each needs
+    a new block. By hand: a takes the free block; b finds none, the candidates are [b, c, d] and d
+    (the newest) is preempted; b takes d's block; c finds none, the only candidate is c itself."""
+    seen, real = [], Scheduler._pick_victim
+
+    def spy(self, candidates):
+        seen.append(list(candidates))
+        return real(self, candidates)
+
+    monkeypatch.setattr(Scheduler, "_pick_victim", spy)
+    sch = Scheduler(4, 64, BlockManager(5, 4))
+    a, b, c, d = seqs = [Sequence([10 * i + j for j in range(4)], SamplingParams(max_tokens=5, ignore_eos=True),
+                                  block_size=4) for i in range(4)]
+    for s in seqs:
+        sch.add(s)
+    batch, prefill = sch.schedule()
+    assert prefill and batch == seqs
+    sch.postprocess(batch, [1, 2, 3, 4])
+    batch, prefill = sch.schedule()
+    assert not prefill and batch == [a, b]
+    assert seen == [[b, c, d], [c]]
+    assert list(sch.waiting) == [c, d] and sch.num_preemptions == 2
