@@ -149,12 +149,13 @@ class BlockManager:
                 self.free_block_ids[block.block_id] = None
 
     def can_append(self, seq: Sequence) -> bool:
-        """Is there room for the sequence's newest token?"""
-        return len(self.free_block_ids) >= (len(seq.block_table) < seq.num_blocks)
+        """Is there room for the sequence's newest token? It needs a free block only to start one."""
+        fits = len(seq.block_table) * self.block_size >= len(seq.token_ids)
+        return fits or len(self.free_block_ids) > 0
 
     def may_append(self, seq: Sequence) -> None:
         """Open a new block when the newest token does not fit in the last one."""
-        if len(seq.block_table) < seq.num_blocks:
+        if len(seq.block_table) * self.block_size < len(seq.token_ids):
             fresh = self._free_blocks_to_take(1, keep=[])
             if not fresh:
                 raise RuntimeError(f"no free block for {seq}: call can_append first")

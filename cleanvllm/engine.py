@@ -223,10 +223,10 @@ class LLMEngine:
             seqs, token_ids = [s for s, _ in kept], [t for _, t in kept]
             for seq in seqs:
                 seq.num_scheduled_tokens = 1
-        lengths = [len(seq) for seq in seqs]
+        lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
         for seq, n in zip(seqs, lengths):
-            if len(seq) > n:  # it got a token
+            if len(seq.token_ids) > n:  # it got a token
                 out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
                 if out is not None:
                     outputs[seq.seq_id] = out
@@ -270,18 +270,19 @@ class LLMEngine:
     def _update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
         """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
         seq, sp = req.seq, req.seq.sampling_params
-        if sp.stop or not quiet or seq.is_finished:
-            old = len(req.text)
-            self._detokenize(req)
-            if sp.stop and req.stop_at is None and seq.num_completion_tokens >= sp.min_tokens:
-                start = max(0, old - max(map(len, sp.stop)) + 1)
-                hits = [i for i in (req.text.find(s, start) for s in sp.stop) if i != -1]
-                if hits:
-                    req.stop_at = min(hits)
-                    if seq.is_finished:  # EOS or the last allowed token completed the stop string
-                        seq.finish_reason = "stop"
-                    else:
-                        self.scheduler.finish(seq, "stop")
+        if quiet and not sp.stop and not seq.is_finished:
+            return None  # the common case in generate(): nothing to decode until the end
+        old = len(req.text)
+        self._detokenize(req)
+        if sp.stop and req.stop_at is None and seq.num_completion_tokens >= sp.min_tokens:
+            start = max(0, old - max(map(len, sp.stop)) + 1)
+            hits = [i for i in (req.text.find(s, start) for s in sp.stop) if i != -1]
+            if hits:
+                req.stop_at = min(hits)
+                if seq.is_finished:  # EOS or the last allowed token completed the stop string
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
         if seq.is_finished:
             if req.stop_at is None:
                 self._detokenize(req, final=True)

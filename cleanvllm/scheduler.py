@@ -57,7 +57,7 @@ class Scheduler:
         """This step's prefill work: continue chunked prompts, then admit waiting ones."""
         scheduled, budget = [], self.max_num_batched_tokens
         for seq in self.running:  # 1. prompts part-way through a chunked prefill
-            remaining = len(seq) - seq.num_cached_tokens
+            remaining = len(seq.token_ids) - seq.num_cached_tokens
             if remaining > 1 and budget > 0:
                 seq.num_scheduled_tokens = min(remaining, budget)
                 budget -= seq.num_scheduled_tokens
@@ -95,7 +95,8 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             while not self.block_manager.can_append(seq):
-                victim = self._pick_victim([s for s in self.running if s not in scheduled])
+                taken = set(scheduled)  # in a list, `in` would cost len(scheduled) comparisons each
+                victim = self._pick_victim([s for s in self.running if s not in taken])
                 self.preempt(victim)
                 if victim is seq:
                     break
@@ -126,12 +127,13 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Record one step's results; return the sequences that finished in it."""
-        finished = []
+        finished, bs = [], self.block_manager.block_size
         for seq, token in zip(seqs, token_ids):
             seq.num_cached_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.hash_blocks(seq)
-            if seq.num_cached_tokens < len(seq):
+            if seq.num_cached_tokens // bs > seq.num_hashed_blocks:  # a block filled up
+                self.block_manager.hash_blocks(seq)
+            if seq.num_cached_tokens < len(seq.token_ids):
                 continue  # a prefill chunk that does not reach the end: no token yet
             seq.append_token(token)
             reason = self._stop_reason(seq, token)
@@ -141,7 +143,7 @@ class Scheduler:
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        sp, n = seq.sampling_params, seq.num_completion_tokens
+        sp, n = seq.sampling_params, len(seq.token_ids) - seq.num_prompt_tokens
         if n >= sp.max_tokens:
             return "length"
         if n > sp.min_tokens and (  # the first min_tokens tokens never stop a sequence

@@ -96,3 +96,48 @@ def test_hash_collision_is_not_trusted():
     b = Sequence([1, 2, 3, 4, 9], block_size=BS)
     bm.allocate(b)
     assert b.num_cached_tokens == 0
+
+
+def test_decode_opens_a_block_exactly_when_a_token_starts_one():
+    """can_append / may_append against counting by hand: after n tokens a sequence holds
+    ceil(n / block_size) blocks, and only a token that starts a block needs a free one. The pool
+    holds exactly what the sequence will need, so the last steps run with no free block."""
+    for bs in (1, 3, 4, 16):
+        for prompt_len in {1, max(bs - 1, 1), bs, bs + 1, 2 * bs}:
+            final = prompt_len + 40
+            pool = -(-final // bs)
+            bm = BlockManager(num_blocks=pool, block_size=bs)
+            seq = Sequence(list(range(prompt_len)), block_size=bs)
+            bm.allocate(seq)
+            seq.num_cached_tokens = len(seq)
+            bm.hash_blocks(seq)
+            for n in range(prompt_len + 1, final + 1):
+                seq.append_token(n)  # the sequence now holds n tokens
+                starts_block = (n - 1) % bs == 0  # token n (1-based) is the first of a block
+                free_before = bm.num_free_blocks
+                assert bm.can_append(seq), (bs, prompt_len, n, free_before)
+                bm.may_append(seq)
+                assert len(seq.block_table) == -(-n // bs), (bs, prompt_len, n)
+                assert bm.num_free_blocks == free_before - starts_block, (bs, prompt_len, n)
+                seq.num_cached_tokens = n
+                bm.hash_blocks(seq)
+            assert bm.num_free_blocks == 0
+            seq.append_token(0)  # it fits only if the last block has room
+            assert bm.can_append(seq) == (final % bs != 0), (bs, prompt_len)
+            bm.deallocate(seq)
+            assert bm.num_free_blocks == pool
+
+
+def test_can_append_with_an_empty_pool():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    seq = Sequence(list(range(8)), block_size=4)  # fills both blocks exactly
+    bm.allocate(seq)
+    assert bm.num_free_blocks == 0
+    seq.num_cached_tokens = 7
+    assert bm.can_append(seq)  # its 8th token has a slot in the 2nd block
+    seq.num_cached_tokens = 8
+    seq.append_token(9)  # the 9th token starts a 3rd block: none is free
+    assert not bm.can_append(seq)
+    other = Sequence(list(range(5)), block_size=4)  # 5 tokens in 2 blocks: its 5th fits
+    other.block_table = [0, 1]
+    assert bm.can_append(other)

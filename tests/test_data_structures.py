@@ -139,7 +139,7 @@ def test_config_rejects(tiny_model, field, value):
 @pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
 def test_config_bool_settings_refuse_non_bools(tiny_model, value):
     bool_fields = [f for f, t in Config.__annotations__.items() if t in (bool, "bool")]
-    assert bool_fields == ["enforce_eager"]
+    assert bool_fields == ["enforce_eager", "fuse_kernels", "async_scheduling"]
     for name in bool_fields:
         with pytest.raises(ValueError, match=rf"Config\.{name}={value!r}"):
             Config(tiny_model, **{name: value})

@@ -216,3 +216,22 @@ def test_held_back_is_right_and_linear_in_the_number_of_stop_strings():
     t0 = time.perf_counter()
     assert _held_back(text, stops) == 20
     assert time.perf_counter() - t0 < 0.2, "quadratic in the number of stop strings"
+
+
+def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, hf_model):
+    """generate() skips the text of its own running requests until they finish (quiet); the final
+    text must still be what step() streams, and a full decode of the tokens when nothing stops it."""
+    ps = prompts([7, 12, 5], seed=11)
+    refs = [hf_greedy(hf_model, p, 24) for p in ps]
+    fulls = [llm.tokenizer.decode(r, skip_special_tokens=True) for r in refs]
+    stop = fulls[1][len(fulls[1]) // 2 : len(fulls[1]) // 2 + 3]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=["\x00never"])]
+    outs = llm.generate(ps, params, use_tqdm=False)
+    _, seen = _stream(llm, list(zip(ps, params)))
+    streamed = [o[-1] for o in seen.values()]
+    for out, st in zip(outs, streamed):
+        assert (out.text, out.token_ids, out.finish_reason) == (st.text, st.token_ids, st.finish_reason)
+    assert outs[0].text == fulls[0] and outs[2].text == fulls[2]  # by the tokenizer, at once
+    assert outs[1].finish_reason == "stop" and outs[1].text == fulls[1][: fulls[1].find(stop)]

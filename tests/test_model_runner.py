@@ -208,3 +208,28 @@ def test_step_batch_carries_what_the_sampler_needs():
     s.num_cached_tokens, s.num_scheduled_tokens = 4, 1
     b = prepare_batch([s], False, BS)
     assert b.num_generated == [2] and b.positions == [4] and b.input_ids == [8] and b.slot_mapping == [68]
+
+
+def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
+    """prepare_batch's decode lists against the general (prefill) path and the slot formula by
+    hand, for positions on both sides of block boundaries and scattered block tables."""
+    import random
+
+    rng, seqs = random.Random(3), []
+    for n in [1, 2, BS - 1, BS, BS + 1, 2 * BS, 2 * BS + 1, 37, 100]:
+        s = Sequence([rng.randint(0, 999) for _ in range(n)], SamplingParams(seed=n), block_size=BS)
+        for _ in range(n % 3):
+            s.append_token(rng.randint(0, 999))
+        s.block_table = rng.sample(range(50), -(-len(s) // BS))
+        s.num_cached_tokens, s.num_scheduled_tokens = len(s) - 1, 1
+        seqs.append(s)
+    dec, general = prepare_batch(seqs, False, BS), prepare_batch(seqs, True, BS)
+    assert not dec.is_prefill and general.is_prefill
+    for field in ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens",
+                  "block_tables", "params", "num_generated"]:
+        assert getattr(dec, field) == getattr(general, field), field
+    by_hand = [s.block_table[(len(s) - 1) // BS] * BS + (len(s) - 1) % BS for s in seqs]
+    assert dec.slot_mapping == by_hand
+    assert dec.input_ids == [s.token_ids[-1] for s in seqs] and dec.context_lens == [len(s) for s in seqs]
+    assert dec.cu_seqlens_q == list(range(len(seqs) + 1)) and dec.max_seqlen_q == 1
+    assert dec.num_generated == [len(s) - s.num_prompt_tokens for s in seqs]

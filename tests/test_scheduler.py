@@ -121,3 +121,56 @@ def test_a_corrupted_block_table_changes_the_fake_models_output(monkeypatch):
     monkeypatch.setattr(BlockManager, "allocate", wrong_hit)
     bad = run()
     assert bad[0] == good[0] and bad[1] != good[1]
+
+
+def test_blocks_filled_by_decode_enter_the_prefix_cache_once_each(monkeypatch):
+    """postprocess registers a block when decoding fills it (a later prompt that repeats the text
+    hits it), and calls hash_blocks only at those steps, not once per token."""
+    bs, prompt = 4, [1, 2, 3, 4, 5]
+    calls, real = [], BlockManager.hash_blocks
+
+    def counting(self, seq):
+        calls.append(seq.num_cached_tokens)
+        real(self, seq)
+
+    monkeypatch.setattr(BlockManager, "hash_blocks", counting)
+    bm = BlockManager(16, bs)
+    sch = Scheduler(4, 64, bm)
+    seq = Sequence(prompt, SamplingParams(max_tokens=20, ignore_eos=True), block_size=bs)
+    sch.add(seq)
+    for step in range(9):  # one prefill step, then 8 decode steps: 14 tokens, 13 computed
+        batch, _ = sch.schedule()
+        sch.postprocess(batch, [100 + step])
+    assert len(seq) == 14 and seq.num_cached_tokens == 13
+    # by hand: blocks fill when 4, 8 and 12 tokens are computed; the prefill computed 5 at once
+    assert calls == [5, 8, 12]
+    assert seq.num_hashed_blocks == 3
+    again = Sequence(seq.token_ids[:12] + [7], block_size=bs)
+    assert bm.can_allocate(again)
+    bm.allocate(again)
+    assert again.num_cached_tokens == 12 and again.block_table[:3] == seq.block_table[:3]
+
+
+def test_preemption_candidates_are_the_running_sequences_not_yet_scheduled(monkeypatch):
+    """Four 4-token prompts fill a block each in a pool of 5; their first decode token each needs
+    a new block. By hand: a takes the free block; b finds none, the candidates are [b, c, d] and d
+    (the newest) is preempted; b takes d's block; c finds none, the only candidate is c itself."""
+    seen, real = [], Scheduler._pick_victim
+
+    def spy(self, candidates):
+        seen.append(list(candidates))
+        return real(self, candidates)
+
+    monkeypatch.setattr(Scheduler, "_pick_victim", spy)
+    sch = Scheduler(4, 64, BlockManager(5, 4))
+    a, b, c, d = seqs = [Sequence([10 * i + j for j in range(4)], SamplingParams(max_tokens=5, ignore_eos=True),
+                                  block_size=4) for i in range(4)]
+    for s in seqs:
+        sch.add(s)
+    batch, prefill = sch.schedule()
+    assert prefill and batch == seqs
+    sch.postprocess(batch, [1, 2, 3, 4])
+    batch, prefill = sch.schedule()
+    assert not prefill and batch == [a, b]
+    assert seen == [[b, c, d], [c]]
+    assert list(sch.waiting) == [c, d] and sch.num_preemptions == 2
