@@ -149,36 +149,47 @@ def time_generate(llm, prompts, params) -> dict:
 
 @contextmanager
 def runner_timer(llm):
-    """Within the block, time every call of the engine's model runner: yields a list that fills
-    with (is_prefill, sequences, seconds). The runner's share of a step is the model, the sampler
-    and the wait for the tokens; the scheduler and the step's outputs are outside it."""
-    runner, calls = llm.runner, []
-    execute = runner.execute
+    """Within the block, time the engine's model runner: yields a list that fills with
+    (is_prefill, sequences, seconds) per step, seconds = its `launch` (stage, run or replay, queue
+    the copy of the tokens) plus its `collect` (wait for the tokens). The scheduler and the step's
+    outputs are outside it. execute() is launch then collect, so every step is counted."""
+    runner, calls, started = llm.runner, [], {}
+    launch, collect = runner.launch, runner.collect
 
-    def timed(batch):
+    def timed_launch(batch, *args, **kwargs):
         t = time.perf_counter()
-        out = execute(batch)  # token ids on the host: the GPU has finished the step
-        calls.append((batch.is_prefill, batch.num_seqs, time.perf_counter() - t))
+        step = launch(batch, *args, **kwargs)
+        started[id(step)] = (batch.is_prefill, batch.num_seqs, time.perf_counter() - t, step)
+        return step
+
+    def timed_collect(step):
+        t = time.perf_counter()
+        out = collect(step)  # token ids on the host: the GPU has finished this step
+        if id(step) in started:  # (a step launched before the block began is not counted)
+            is_prefill, n, launching, _ = started.pop(id(step))
+            calls.append((is_prefill, n, launching + time.perf_counter() - t))
         return out
 
-    runner.execute = timed  # an attribute of this one runner, in front of its method
+    runner.launch, runner.collect = timed_launch, timed_collect  # attributes of this one runner
     try:
         yield calls
     finally:
-        del runner.execute
+        del runner.launch, runner.collect
 
 
 def timed_decode(llm) -> dict:
     """Step the engine until it is idle. Of its decode steps alone: the tokens, the seconds of the
-    whole steps (step() with its outputs), and the seconds of the model runner's share."""
+    whole steps (step() with its outputs), and the seconds of the model runner's share. No sync
+    between steps: with async scheduling the next step is already running when step() returns."""
     sync = torch.cuda.synchronize if llm.config.device == "cuda" else (lambda: None)
     tokens, seconds = 0, 0.0
     with runner_timer(llm) as calls:
+        sync()
         while llm.has_unfinished_requests():
-            sync()
             t = time.perf_counter()
             llm.step()
-            sync()
+            if not llm.has_unfinished_requests():
+                sync()  # the last step's work is all done
             if not llm.last_step.is_prefill:
                 tokens += llm.last_step.num_seqs  # one new token per sequence
                 seconds += time.perf_counter() - t
@@ -522,13 +533,12 @@ def profile_decode(
     if llm.last_step.num_seqs != batch:
         raise RuntimeError(f"a decode step ran {llm.last_step.num_seqs} sequences, not {batch}")
     wall = []
-    with runner_timer(llm) as calls:
+    with runner_timer(llm) as calls:  # no sync between steps: async scheduling overlaps them
         for _ in range(steps):
-            sync()
             t = time.perf_counter()
             llm.step()
-            sync()
             wall.append(time.perf_counter() - t)
+        sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps + 1):

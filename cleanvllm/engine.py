@@ -192,6 +192,9 @@ class LLMEngine:
         if self.closed:
             raise RuntimeError("this engine is closed")
         outputs, self.unreported = self.unreported, {}
+        if self.pending and not any(s.status == SequenceStatus.RUNNING for s in self.pending[0]):
+            self.runner.collect(self.pending[1])  # every sequence of it ended meanwhile: wait, drop it
+            self.pending = None
         if self.pending is None and not self.scheduler.waiting and not self.scheduler.running:
             self.last_step = StepStats(False, 0, 0)
             return list(outputs.values())
@@ -207,17 +210,17 @@ class LLMEngine:
                     self.pending = (seqs, self.runner.launch(batch), False)
                 seqs, launched, ahead = self.pending
                 self.pending = self._launch_ahead(seqs, launched)  # before we wait for `launched`
-                self._take_tokens(seqs, self.runner.collect(launched), outputs, quiet, ahead)
+                n = self._take_tokens(seqs, self.runner.collect(launched), outputs, quiet, ahead)
         except BaseException:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
-        self.last_step = StepStats(False, len(seqs), len(seqs))
+        self.last_step = StepStats(False, n, n)
         return list(outputs.values())
 
-    def _take_tokens(self, seqs: list, token_ids: list[int], outputs: dict, quiet, ahead: bool) -> None:
+    def _take_tokens(self, seqs: list, token_ids: list[int], outputs: dict, quiet, ahead: bool) -> int:
         """Record a step's tokens. A sequence that finished or was aborted while its decode step ran
-        (launched ahead, step 5b) is no longer running: its token is dropped."""
+        (launched ahead, step 5b) is no longer running: its token is dropped. Returns the tokens kept."""
         if ahead:  # its sequences' bookkeeping is one token behind: it counts that token now
             kept = [(s, t) for s, t in zip(seqs, token_ids) if s.status == SequenceStatus.RUNNING]
             seqs, token_ids = [s for s, _ in kept], [t for _, t in kept]
@@ -232,6 +235,7 @@ class LLMEngine:
                     outputs[seq.seq_id] = out
                 if seq.is_finished:  # reported: the engine forgets it
                     del self.requests[seq.seq_id]
+        return len(seqs)
 
     def _launch_ahead(self, seqs: list[Sequence], launched):
         """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
