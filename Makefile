@@ -71,10 +71,11 @@ tiny: setup ## write the tiny random Qwen3 checkpoint to ~/.cache/cleanvllm
 bench: setup ## the throughput benchmark (GPU: full size; see benchmarks/RESULTS.md)
 	$(PY) -m cleanvllm.bench
 
-gpu-check: ## on a GPU machine (its own python3): GPU tests, benchmark, batch sweep, serving; tables last
+gpu-check: ## on a GPU machine (its own python3): GPU tests, benchmark, profile, batch sweep, serving; tables last
 	export PYTHONPATH=$(CURDIR):$$PYTHONPATH; rc=0; \
-	$(GPU_PY) -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_gpu.py || rc=$$?; \
+	$(GPU_PY) -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_fused.py tests/test_gpu.py || rc=$$?; \
 	$(GPU_PY) -m cleanvllm.bench --out benchmarks/last_run.json || rc=$$?; \
+	$(GPU_PY) -m cleanvllm.bench --profile --batch-sizes 1,256 --out benchmarks/last_profile.json || rc=$$?; \
 	$(GPU_PY) -m cleanvllm.bench --sweep --out benchmarks/last_sweep.json || rc=$$?; \
 	model=$$($(GPU_PY) -c "from cleanvllm.bench import QWEN3_0_6B, random_checkpoint; print(random_checkpoint(QWEN3_0_6B))"); \
 	$(GPU_PY) -m cleanvllm.serve $$model --bench --out benchmarks/last_serve.json || rc=$$?; exit $$rc
