@@ -207,8 +207,8 @@ def decode_sweep(
     kv_per_token: int,
     seed: int = 0,
 ) -> list[dict]:
-    """Decode tokens/s at each batch size beside its floor (all requests admitted together), for
-    whole steps and for the model runner's share of them."""
+    """Decode tokens/s at each batch size beside its floor (all requests admitted together), and
+    the seconds of the model runner's share of those decode steps."""
     if max(batch_sizes) > llm.config.max_num_seqs or new_tokens < 2:
         raise ValueError(
             f"need max(batch_sizes) <= max_num_seqs={llm.config.max_num_seqs} and "
@@ -234,8 +234,6 @@ def decode_sweep(
                 floor_tokens_per_s=tokens / floor,
                 fraction=floor / seconds,
                 runner_seconds=runner,
-                runner_tokens_per_s=tokens / runner,
-                runner_fraction=floor / runner,
             )
         )
     return rows
@@ -424,7 +422,7 @@ GEMM_NAMES = ("gemm", "gemv", "matmul", "cublas", "cutlass", "nvjet", "splitk", 
 KERNEL_KINDS = {  # kind: fragments of a lower-cased kernel or operator name; the first match wins
     "attention": ("attention", "attn", "paged", "flash", "merge_splits"),
     "sampler": ("sampl", "softmax", "exponential", "argmax", "topk", "gumbel", "pick_chunk"),
-    "norm/rotary/store": ("norm", "rope", "rotary", "store", "kvcache", "rsqrt", "pow", "mean"),
+    "norm/rotary/store": ("norm", "rope", "rotary", "kvcache", "rsqrt", "pow", "mean"),
     "GEMM": GEMM_NAMES + ("aten::addmm", "aten::linear"),
 }
 
@@ -639,23 +637,24 @@ def table(res: dict) -> str:
 
 
 def sweep_table(res: dict) -> str:
-    """The sweep as a markdown table: batch, decode tok/s, floor tok/s, fraction of the floor, and
-    (where measured) the same for the model runner's share alone."""
-    runner = "runner_tokens_per_s" in res["sweep"][0]
+    """The sweep as a markdown table: batch, decode tok/s, floor tok/s, fraction of the floor, the
+    time of a decode step and (where measured) the model runner's share of it."""
+    runner = "runner_seconds" in res["sweep"][0]
     lines = [
         f"{res['device']}, {res['bandwidth_GBps']:,.1f} GB/s measured, prompt {res['prompt_len']} "
         f"tokens, {res['new_tokens']} new tokens, CUDA graphs {res['cuda_graphs']}, "
         f"commit {res.get('commit')}, {res.get('date')}",
         "",
-        "| batch | decode tok/s | floor tok/s | of the floor |"
-        + (" runner's share tok/s | of the floor |" if runner else ""),
-        "|---|---|---|---|" + ("---|---|" if runner else ""),
+        "| batch | decode tok/s | floor tok/s | of the floor | ms per step |"
+        + (" runner's share, ms |" if runner else ""),
+        "|---|---|---|---|---|" + ("---|" if runner else ""),
     ]
     for r in res["sweep"]:
+        steps = r["tokens"] / r["batch"]
         cells = [r["batch"], f"{r['tokens_per_s']:,.0f}", f"{r['floor_tokens_per_s']:,.0f}"]
-        cells.append(f"{r['fraction']:.2f}")
+        cells += [f"{r['fraction']:.2f}", f"{r['seconds'] / steps * 1e3:.2f}"]
         if runner:
-            cells += [f"{r['runner_tokens_per_s']:,.0f}", f"{r['runner_fraction']:.2f}"]
+            cells.append(f"{r['runner_seconds'] / steps * 1e3:.2f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

@@ -96,11 +96,12 @@ def test_sweep_counts_decode_steps_and_sets_each_beside_its_floor(tiny_model, tm
         floor = sum(weights + kv * b * ctx for ctx in (9, 10, 11)) / bw
         assert r["floor_tokens_per_s"] == pytest.approx(3 * b / floor, rel=1e-9)
         assert r["fraction"] == pytest.approx(floor / r["seconds"], rel=1e-9)
-        # the model runner's share of the same steps: a part of their time, against the same floor
+        # the model runner's share of the same steps: a part of their time
         assert 0 < r["runner_seconds"] < r["seconds"]
-        assert r["runner_fraction"] == pytest.approx(floor / r["runner_seconds"], rel=1e-9)
     printed = capsys.readouterr().out
-    assert "| batch | decode tok/s | floor tok/s | of the floor | runner's share tok/s |" in printed
+    assert "| batch | decode tok/s | floor tok/s | of the floor | ms per step | runner's share, ms |" in printed
+    for r in rows:  # a step's time and the runner's share of it, in ms: 3 decode steps per sequence
+        assert f"| {r['seconds'] / 3 * 1e3:.2f} | {r['runner_seconds'] / 3 * 1e3:.2f} |" in printed
     assert printed.count("\n| 1 |") == 1 and printed.count("\n| 3 |") == 1
 
 
@@ -151,6 +152,9 @@ KINDS_BY_HAND = {  # names as torch's profiler prints them (H100 kernels, CPU op
     "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "sampler",
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>": "sampler",
     "_silu_mul_kernel": "other",
+    # PyTorch's elementwise kernels name their memory policy (StoreWithoutCast): not the KV store
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+    "::{lambda()#3}, at::native::memory::LoadWithoutCast, at::native::memory::StoreWithoutCast>": "other",
     "Memcpy HtoD (Pinned -> Device)": "other",
     "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
     "aten::linear": "GEMM",
@@ -244,7 +248,8 @@ def test_profile_json_on_cpu(tiny_model, tmp_path, capsys):
             # one aten::linear per projection (qkv, o, gate_up, down) per layer, plus the output head
             assert top["aten::linear"]["per_step"] == 4 * layers + 1
             assert top["aten::linear"]["kind"] == "GEMM"
-            assert 0 < p["runner_us_per_step"] <= p["wall_us_per_step"]
+            # (with async scheduling a step's runner time straddles two step() calls: no order)
+            assert p["runner_us_per_step"] > 0 and p["wall_us_per_step"] > 0
             assert p["kernel_us_per_step"] <= p["span_us_per_step"] + 1e-6
             floor = (weights + kv * context * p["batch"]) / (res["bandwidth_GBps"] * 1e9) * 1e6
             assert p["floor_us_per_step"] == pytest.approx(floor, rel=1e-9)
