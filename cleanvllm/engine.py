@@ -90,16 +90,12 @@ class LLMEngine:
             self.close()
             raise
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
-        self.scheduler = Scheduler(
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            self.block_manager,
-            config.eos_token_ids,
-        )
+        limits = config.max_num_seqs, config.max_num_batched_tokens
+        self.scheduler = Scheduler(*limits, self.block_manager, config.eos_token_ids)
         self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
         self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
-        self.pending = None  # a decode step launched and not yet collected (step 5b)
         self.last_step: StepStats | None = None
+        self.pending = None  # a decode step launched, not yet collected (step 5b)
 
     def _eos_ids(self) -> list[int]:
         """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
