@@ -84,10 +84,9 @@ def gather_index(
     if block_tables is None:
         index = cu_seqlens_q[:-1, None] + pos_k
     else:
-        blocks = block_tables[:, pos_k // block_size].clamp(min=0)  # -1 (no block): any valid row
-        index = blocks * block_size + pos_k % block_size
+        index = block_tables[:, pos_k // block_size] * block_size + pos_k % block_size
     valid = pos_k[None, :] < context_lens[:, None]
-    return torch.where(valid, index, 0), valid
+    return torch.where(valid, index, index[:, :1]), valid  # past the end: the first key's row
 
 
 def paged_attention_torch(
@@ -104,28 +103,30 @@ def paged_attention_torch(
     With block_tables, k_src/v_src are the paged caches [blocks, block_size, kv_heads, head_dim];
     without, they are this step's keys/values [N, kv_heads, head_dim] (plain causal attention).
     """
-    heads = q.shape[1]
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     if block_tables is None:
         context_lens, block_size = q_lens, 1
     else:  # the caches as flat rows: [blocks * block_size, kv_heads, head_dim]
         block_size = k_src.shape[1]
         k_src, v_src = k_src.view(-1, *k_src.shape[2:]), v_src.view(-1, *v_src.shape[2:])
-    index, valid_k = gather_index(cu_seqlens_q, context_lens, block_tables, block_size)
-    keep = valid_k[..., None, None]
-    k = torch.where(keep, k_src[index], 0.0)  # [B, max_k, kv_heads, hd], zero past the end
-    v = torch.where(keep, v_src[index], 0.0)
-    group = heads // k.shape[2]
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    index, _ = gather_index(cu_seqlens_q, context_lens, block_tables, block_size)
+    # [B, max_k, kv_heads, hd]; index_select: whole rows (on a CPU ~5x faster than k_src[index])
+    k, v = (x.index_select(0, index.flatten()).unflatten(0, index.shape) for x in (k_src, v_src))
     pos_q = torch.arange(int(q_lens.max()), device=q.device)
     valid_q = pos_q[None, :] < q_lens[:, None]  # [B, max_q]
     qp = q[torch.where(valid_q, cu_seqlens_q[:-1, None] + pos_q, 0)]  # [B, max_q, heads, hd]
     last_key = (context_lens - q_lens)[:, None] + pos_q[None, :]  # [B, max_q]
     mask = torch.arange(k.shape[1], device=q.device) <= last_key[:, :, None]  # [B, max_q, max_k]
+    # grouped-query attention: the `group` query heads of KV head g become extra query rows of g
+    max_q, kv_heads, group = qp.shape[1], k.shape[2], q.shape[1] // k.shape[2]
+    qg = (
+        qp.unflatten(2, (kv_heads, group)).transpose(1, 2).flatten(2, 3)
+    )  # [B, kvh, max_q*group, hd]
+    mask = mask.repeat_interleave(group, dim=1)[:, None]  # [B, 1, max_q * group, max_k]
     out = F.scaled_dot_product_attention(
-        *(x.transpose(1, 2) for x in (qp, k, v)), attn_mask=mask[:, None], scale=scale
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )
-    return out.transpose(1, 2)[valid_q]
+    return out.unflatten(2, (max_q, group)).transpose(1, 2).flatten(2, 3)[valid_q]
 
 
 @triton.jit
