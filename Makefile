@@ -11,7 +11,7 @@ JOBS ?= 2
 LAB_IP ?= 127.0.0.1
 LAB_PORT ?= 8888
 
-.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench gpu-check tiny clean
+.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check tiny clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -70,6 +70,9 @@ tiny: setup ## write the tiny random Qwen3 checkpoint to ~/.cache/cleanvllm
 
 bench: setup ## the throughput benchmark (GPU: full size; see benchmarks/RESULTS.md)
 	$(PY) -m cleanvllm.bench
+
+bench-cpu: setup ## chapter 10's race on the CPU: the engine vs transformers' generate (SmolLM2, 1 thread, 8 x 64 tokens)
+	$(PY) -m cleanvllm.demo --vs-transformers
 
 gpu-check: ## on a GPU machine (its own python3): GPU tests, benchmark, profile, batch sweep, serving; tables last
 	export PYTHONPATH=$(CURDIR):$$PYTHONPATH; rc=0; \
