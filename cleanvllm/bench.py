@@ -301,11 +301,14 @@ def about(device: str) -> dict:
     try:
         git = ["git", "rev-parse", "--short", "HEAD"]
         commit = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = ["git", "status", "--porcelain", "--untracked-files=no"]
-        if commit and subprocess.run(dirty, capture_output=True, text=True, timeout=10).stdout:
-            commit += "+uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    try:  # the first status of a fresh clone runs the notebooks' clean filter: it can be slow
+        dirty = ["git", "status", "--porcelain", "--untracked-files=no"]
+        if commit and subprocess.run(dirty, capture_output=True, text=True, timeout=120).stdout:
+            commit += "+uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        commit += "+status unknown" if commit else ""
     return dict(
         device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
         torch=torch.__version__,
