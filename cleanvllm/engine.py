@@ -233,16 +233,6 @@ class LLMEngine:
                     del self.requests[seq.seq_id]
         return len(seqs)
 
-    def _launch_ahead(self, seqs: list[Sequence], launched):
-        """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
-        the new pending step, or None."""
-        go = self.scheduler.schedule_ahead(seqs)
-        if go is None:
-            return None
-        row = {s.seq_id: i for i, s in enumerate(seqs)}
-        batch = prepare_ahead(go, self.config.kvcache_block_size)
-        return go, self.runner.launch(batch, launched, [row[s.seq_id] for s in go]), True
-
     def _execute(self, batch) -> list[int]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
         self._ranks_busy = True  # until all ranks are through this step
@@ -255,6 +245,16 @@ class LLMEngine:
             raise
         self._ranks_busy = False
         return token_ids
+
+    def _launch_ahead(self, seqs: list[Sequence], launched):
+        """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
+        the new pending step, or None."""
+        go = self.scheduler.schedule_ahead(seqs)
+        if go is None:
+            return None
+        row = {s.seq_id: i for i, s in enumerate(seqs)}
+        batch = prepare_ahead(go, self.config.kvcache_block_size)
+        return go, self.runner.launch(batch, launched, [row[s.seq_id] for s in go]), True
 
     def _detokenize(self, req: _Request, final: bool = False) -> None:
         """Append the text of req's new completion tokens, decoding only a short window."""
