@@ -1,0 +1,101 @@
+"""Async scheduling (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch, then
+launch the next step ahead, then collect), so its bookkeeping is checked here against the plain loop."""
+import pytest
+import torch
+
+from cleanvllm.engine import LLM
+from cleanvllm.sampling_params import SamplingParams
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    kw = dict(device="cpu", kvcache_block_size=16, max_num_seqs=8, max_model_len=256)
+    with LLM(tiny_model, async_scheduling=True, **kw) as on, LLM(tiny_model, async_scheduling=False, **kw) as off:
+        yield on, off
+
+
+def sound(llm):
+    """Every block free or held; the holders' tables account for every reference."""
+    bm = llm.block_manager
+    free, used = set(bm.free_block_ids), set(bm.used_block_ids)
+    assert not free & used and free | used == set(range(len(bm.blocks)))
+    refs = {}
+    for seq in [*llm.scheduler.running, *llm.scheduler.waiting]:
+        for b in seq.block_table:
+            refs[b] = refs.get(b, 0) + 1
+    assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
+
+
+def test_same_outputs_with_every_kind_of_request(engines):
+    """Greedy, seeded sampling with top-p, min_tokens against a stop token, a stop string, and lengths
+    that end on different steps: async on and off give the same tokens, texts and reasons."""
+    on, off = engines
+    ps = prompts([3, 40, 17, 9, 64, 25])
+    greedy = off.generate(ps[:1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    sps = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=11, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, min_tokens=6, stop_token_ids=[greedy.token_ids[2]]),
+        SamplingParams(temperature=0, max_tokens=40, stop=[greedy.text[5:8]], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, min_p=0.05, max_tokens=33, ignore_eos=True),
+    ]
+    ps[3] = ps[0]  # the stop string comes from this prompt's own greedy text
+    got = {}
+    for llm in (on, off):
+        outs = llm.generate(ps, sps, use_tqdm=False)
+        got[llm is on] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
+        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        sound(llm)
+    assert got[True] == got[False]
+    assert got[True][3][2] == "stop" and got[True][4][0] and len(got[True][4][0]) == 1
+
+
+def test_adding_and_aborting_while_a_step_is_pending(engines):
+    """step() by hand: abort one request while a step launched ahead holds it, add another; the
+    others' tokens equal the plain loop's, the aborted one ends 'abort', no block is lost."""
+    on, off = engines
+    ps = prompts([12, 30, 7, 20], seed=3)
+    sp = SamplingParams(temperature=0, max_tokens=18, ignore_eos=True)
+    runs = {}
+    for llm in (on, off):
+        ids = [llm.add_request(p, sp) for p in ps[:3]]
+        done, pending_seen = {}, False
+        for step in range(40):
+            if not llm.has_unfinished_requests():
+                break
+            for o in llm.step():
+                if o.finished:
+                    done[o.request_id] = (o.token_ids, o.finish_reason)
+            pending_seen |= llm.pending is not None
+            if step == 4:
+                llm.abort_request(ids[1])
+                ids.append(llm.add_request(ps[3], sp))
+            sound(llm)
+        assert not llm.has_unfinished_requests()
+        assert pending_seen == (llm is on)
+        runs[llm is on] = [done.get(i, ("aborted", None)) for i in ids]
+        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert runs[True][0] == runs[False][0] and runs[True][2:] == runs[False][2:]
+    assert all(len(t) == 18 for t, _ in [runs[True][0], *runs[True][2:]])
+
+
+def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
+    """The last step launched ahead may hold only sequences that then stopped on a stop token: the
+    next step() waits for it, drops it, and does the next real work (or reports nothing)."""
+    on, _ = engines
+    p = prompts([10], seed=7)[0]
+    first = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    out = on.generate([p], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[3]]),
+                      use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:4]
+    assert on.pending is None or not any(s.status.name == "RUNNING" for s in on.pending[0])
+    assert on.step() == [] and on.pending is None
+    assert on.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
+    nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert nxt.token_ids == first.token_ids
