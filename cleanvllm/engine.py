@@ -22,7 +22,14 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import ModelRunner, StepBatch, free_port, prepare_batch, run_worker
+from cleanvllm.model_runner import (
+    ModelRunner,
+    StepBatch,
+    decode_batch,
+    free_port,
+    prepare_batch,
+    run_worker,
+)
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence, SequenceStatus
@@ -485,15 +492,8 @@ def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
     """The decode batch of the token after each sequence's newest one, built before that newest
     token is known: its input ids are placeholders (the runner takes them on the device)."""
     pos = [len(s) for s in seqs]  # the newest token (still on the GPU) will sit at index len(s)
-    slots = [
-        s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
-    ]
-    n = len(seqs)
-    return StepBatch(
-        False, [0] * n, pos, slots, list(range(n + 1)), [p + 1 for p in pos],
-        [s.block_table for s in seqs], [s.sampling_params for s in seqs],
-        [s.num_completion_tokens + 1 for s in seqs],
-    )  # fmt: skip
+    generated = [s.num_completion_tokens + 1 for s in seqs]  # counting that newest token
+    return decode_batch(seqs, pos, [0] * len(seqs), generated, block_size)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

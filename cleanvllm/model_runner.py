@@ -52,23 +52,28 @@ class StepBatch:
         return max(b - a for a, b in zip(self.cu_seqlens_q, self.cu_seqlens_q[1:]))
 
 
+def decode_batch(
+    seqs: list[Sequence], pos: list[int], ids: list[int], generated: list[int], block_size: int
+) -> StepBatch:
+    """One new token per sequence: token ids[i] at position pos[i] of seqs[i]. This runs for up to
+    256 sequences at every step, in Python, while the GPU waits: one list comprehension per list
+    takes about a fifth of the time of prepare_batch's loop (60 us against 270 us for 256)."""
+    slots = [
+        s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
+    ]
+    cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
+    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
+    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated)
+
+
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
     """The StepBatch of the scheduled sequences: their tokens from num_cached_tokens on."""
-    params = [s.sampling_params for s in seqs]
     generated = [len(s.token_ids) - s.num_prompt_tokens for s in seqs]
-    tables = [s.block_table for s in seqs]
-    if not is_prefill:
-        # Decode: one token per sequence, its newest, at position num_cached_tokens. This runs
-        # for up to 256 sequences at every step, in Python, while the GPU waits: one list
-        # comprehension per list takes about a fifth of the time of the loop below (60 us
-        # against 270 us for 256 sequences on one CPU core).
+    if not is_prefill:  # decode: each sequence's newest token, at position num_cached_tokens
         pos = [s.num_cached_tokens for s in seqs]
         ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        slots = [
-            s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
-        ]
-        cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
-        return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated)
+        return decode_batch(seqs, pos, ids, generated, block_size)
+    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
     ids, pos, slots, cu, ctx = [], [], [], [0], []
     for seq in seqs:
         start = seq.num_cached_tokens

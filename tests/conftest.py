@@ -41,3 +41,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     assert out.isfinite().all(), "output has NaN/inf"
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def pool_is_sound(llm):
+    """Block-pool invariants: every block free or used, never both; refs match the block tables."""
+    bm = llm.block_manager
+    free, used = set(bm.free_block_ids), set(bm.used_block_ids)
+    assert not free & used and free | used == set(range(len(bm.blocks)))
+    refs = {}
+    for seq in [*llm.scheduler.running, *llm.scheduler.waiting]:
+        for b in seq.block_table:
+            refs[b] = refs.get(b, 0) + 1
+    assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
+    assert all(r.seq.seq_id in {s.seq_id for s in [*llm.scheduler.running, *llm.scheduler.waiting]}
+               or r.seq.is_finished for r in llm.requests.values())

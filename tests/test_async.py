@@ -5,6 +5,7 @@ import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
+from conftest import pool_is_sound
 
 
 def prompts(lengths, seed=0):
@@ -17,18 +18,6 @@ def engines(tiny_model):
     kw = dict(device="cpu", kvcache_block_size=16, max_num_seqs=8, max_model_len=256)
     with LLM(tiny_model, async_scheduling=True, **kw) as on, LLM(tiny_model, async_scheduling=False, **kw) as off:
         yield on, off
-
-
-def sound(llm):
-    """Every block free or held; the holders' tables account for every reference."""
-    bm = llm.block_manager
-    free, used = set(bm.free_block_ids), set(bm.used_block_ids)
-    assert not free & used and free | used == set(range(len(bm.blocks)))
-    refs = {}
-    for seq in [*llm.scheduler.running, *llm.scheduler.waiting]:
-        for b in seq.block_table:
-            refs[b] = refs.get(b, 0) + 1
-    assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
 
 
 def test_same_outputs_with_every_kind_of_request(engines):
@@ -51,7 +40,7 @@ def test_same_outputs_with_every_kind_of_request(engines):
         outs = llm.generate(ps, sps, use_tqdm=False)
         got[llm is on] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
         assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
-        sound(llm)
+        pool_is_sound(llm)
     assert got[True] == got[False]
     assert got[True][3][2] == "stop" and got[True][4][0] and len(got[True][4][0]) == 1
 
@@ -76,7 +65,7 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
             if step == 4:
                 llm.abort_request(ids[1])
                 ids.append(llm.add_request(ps[3], sp))
-            sound(llm)
+            pool_is_sound(llm)
         assert not llm.has_unfinished_requests()
         assert pending_seen == (llm is on)
         runs[llm is on] = [done.get(i, ("aborted", None)) for i in ids]

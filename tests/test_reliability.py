@@ -8,7 +8,7 @@ import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
-from conftest import hf_greedy
+from conftest import pool_is_sound, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -132,20 +132,6 @@ def _prompts(lengths, seed=0):
     return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0 (hf pad)
 
 
-def _sound(llm):
-    """Block-pool invariants: every block free or used, never both; refs match the block tables."""
-    bm = llm.block_manager
-    free, used = set(bm.free_block_ids), set(bm.used_block_ids)
-    assert not free & used and free | used == set(range(len(bm.blocks)))
-    refs = {}
-    for seq in [*llm.scheduler.running, *llm.scheduler.waiting]:
-        for b in seq.block_table:
-            refs[b] = refs.get(b, 0) + 1
-    assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
-    assert all(r.seq.seq_id in {s.seq_id for s in [*llm.scheduler.running, *llm.scheduler.waiting]}
-               or r.seq.is_finished for r in llm.requests.values())
-
-
 def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_model, monkeypatch):
     """Item 3: a KeyboardInterrupt just after scheduler.add (before generate's loop runs)."""
     ps = _prompts([4, 6, 8], seed=11)
@@ -208,11 +194,11 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
     for rid in own:
         llm.abort_request(rid)  # again: a no-op
         assert rid not in llm.requests
-    _sound(llm)
+    pool_is_sound(llm)
     finished = {}
     while llm.has_unfinished_requests():
         finished.update({o.request_id: o for o in llm.step() if o.finished})
-        _sound(llm)
+        pool_is_sound(llm)
     assert list(finished) == [other_id], "the earlier request was lost or a foreign one appeared"
     assert finished[other_id].token_ids == hf_greedy(hf_model, other, 12)
     assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
@@ -322,7 +308,7 @@ def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch
     monkeypatch.undo()
     llm.abort_request(rid)
     llm.abort_request(rid)
-    _sound(llm)
+    pool_is_sound(llm)
     assert not llm.scheduler.running and not llm.scheduler.waiting and not llm.requests
     assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert llm.step() == [] and not llm.has_unfinished_requests()
@@ -393,6 +379,6 @@ def test_a_second_ctrl_c_during_generates_clean_up_waits_for_it(llm, monkeypatch
         llm.generate(_prompts([5, 9, 17, 33]), GREEDY, use_tqdm=False)
     monkeypatch.undo()
     assert calls["abort"] == 4, "the clean-up was cut short: not every request was aborted"
-    _sound(llm)
+    pool_is_sound(llm)
     assert not llm.requests and llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
