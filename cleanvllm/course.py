@@ -1,15 +1,23 @@
 """The course's plumbing, written by hand (it is not a chapter of the engine).
 
-Every chapter notebook uses four things from here:
-  setup()          first code cell: one CPU thread, fixed seeds, Triton's interpreter without a GPU
+Every chapter notebook uses these:
+  setup("04")      first code cell: one CPU thread, fixed seeds, Triton's interpreter without a GPU;
+                   checks that the package's earlier chapters pass their checks
   @add_to(Cls)     grow a class one method at a time across cells; `make export` writes the
                    methods back into the class body, so the module holds one ordinary class
+  @check("4.2")    run a task's check at once: "passed", or which task failed on which input,
+                   what was expected and what came out
+  expect(...)      one comparison inside a check, with a message a learner can act on
+  check()          the chapter's invariant tests against this notebook's code (`make check CH=04`)
   @exercise("4.1") run an exercise's check: "passed", "not attempted yet", or the failure
   export("04_scheduler.ipynb")   last cell: write this chapter's modules into the package
 """
 
+import importlib.util
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,14 +25,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+_chapter: str | None = None  # set by setup("NN")
+_passed: set[str] = set()  # task ids whose check passed in this kernel
+_failed: set[str] = set()
+_ran: dict[str, str] = {}  # JupyterLab cell id -> the source this kernel last ran for it
 
-def setup(threads: int | None = None, seed: int = 0) -> str:
+
+def setup(chapter: str | None = None, threads: int | None = None, seed: int = 0) -> str:
     """Prepare a chapter's kernel; return "cuda" or "cpu".
 
     Threads: torch's default (one per core) collapses when the machine is busy (chapter 10 once took
     937 s instead of 69 s on a loaded 2-core machine), so a chapter runs on one thread unless
-    CLEANVLLM_THREADS or `threads` says otherwise.
+    CLEANVLLM_THREADS or `threads` says otherwise. With `chapter`, the package's earlier chapters
+    are checked first: a mistake exported from chapter 3 is named here, not as a strange failure
+    deep in chapter 6.
     """
+    global _chapter
     if not _has_cuda():
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("call setup() before anything imports triton (restart the kernel)")
@@ -37,6 +53,10 @@ def setup(threads: int | None = None, seed: int = 0) -> str:
     random.seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU thread(s)")
+    _track_cells()
+    if chapter is not None:
+        _chapter = f"{int(chapter):02d}"
+        _check_earlier_chapters(_chapter)
     return device
 
 
@@ -44,6 +64,55 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _ipython():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def _track_cells() -> None:
+    """Remember the source each cell last ran with (JupyterLab sends cell ids), for export()."""
+    ip = _ipython()
+    if ip is None or getattr(ip, "_cleanvllm_tracking", False):
+        return
+
+    def record(info) -> None:
+        if getattr(info, "cell_id", None):
+            _ran[info.cell_id] = info.raw_cell
+
+    ip.events.register("pre_run_cell", record)
+    ip._cleanvllm_tracking = True
+
+
+def _tool(name: str):
+    """Import tools/<name>.py of this checkout (the course's scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_cleanvllm_tools_{name}", ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_earlier_chapters(chapter: str) -> None:
+    """Every earlier chapter's module is the reference, or passes that chapter's checks."""
+    if not (ROOT / "tools" / "check.py").exists():
+        return
+    changed = _tool("check").changed_chapters(before=chapter)
+    if not changed:
+        return
+    for ch in changed:
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "check.py"), ch, "--quiet"],
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"chapter {ch}'s code in the package fails its checks:\n{out.stdout.strip()}\n"
+                f"Revisit chapter {ch} (then export it again), or `make reset CH={ch}` to put the "
+                "reference version back."
+            )
+    print(f"your exported chapter(s) {', '.join(changed)}: their checks pass")
 
 
 def add_to(cls: type) -> Callable:
@@ -64,33 +133,191 @@ def add_to(cls: type) -> Callable:
     return attach
 
 
-def exercise(name: str) -> Callable:
-    """Decorator for an exercise's check: runs it at once and says how the learner's answer fared.
+class CheckFailed(AssertionError):
+    """A task's check found a wrong value: the message names the task, the input and both values."""
 
-    A stub that still raises NotImplementedError counts as "not attempted yet"; a wrong answer
-    raises the check's AssertionError, whose message says what is wrong.
+
+def _short(x: object, limit: int = 300) -> str:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            head = x.detach().flatten()[:8].tolist()
+            more = ", ..." if x.numel() > 8 else ""
+            return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, values={head}{more})"
+    except ImportError:
+        pass
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
+def expect(actual: object, expected: object, what: str, *, atol: float | None = None,
+           rtol: float | None = None) -> None:
+    """Compare one result with the reference; on a mismatch say what, the expected and the actual.
+
+    Tensors are compared with torch.testing.assert_close (give atol/rtol for low precision); floats
+    with math.isclose when a tolerance is given; everything else with ==.
     """
-
-    def run(check: Callable[[], object]) -> Callable:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the course always has torch
+        torch = None
+    if torch is not None and isinstance(actual, torch.Tensor | type(None)) and isinstance(expected, torch.Tensor):
+        if actual is None:
+            raise AssertionError(f"{what}: expected {_short(expected)}, got None")
+        if actual.shape != expected.shape:
+            raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
         try:
-            check()
-        except NotImplementedError:
-            print(f"Exercise {name}: not attempted yet (a solution is in solutions/, try first)")
-            return check
-        print(f"Exercise {name}: passed")
-        return check
+            torch.testing.assert_close(actual.to(expected.device), expected, atol=atol, rtol=rtol,
+                                       check_dtype=False)
+        except AssertionError:
+            diff = (actual.double().to(expected.device) - expected.double()).abs()
+            worst = int(diff.flatten().nan_to_num(float("inf")).argmax())
+            raise AssertionError(
+                f"{what}: expected {_short(expected)}, got {_short(actual)}; largest difference "
+                f"{diff.flatten()[worst].item():.3g} at flat index {worst}"
+            ) from None
+        return
+    if atol is not None or rtol is not None:
+        ok = isinstance(actual, int | float) and math.isclose(actual, expected, abs_tol=atol or 0.0,
+                                                              rel_tol=rtol or 1e-9)
+    else:
+        ok = actual == expected
+    if not ok:
+        raise AssertionError(f"{what}: expected {_short(expected)}, got {_short(actual)}")
+
+
+def check(task: str | None = None, title: str | None = None):
+    """`@check("3.4", "BlockManager._assign")` runs a task's check now; `check()` runs the chapter's.
+
+    As a decorator: the function below is run at once. A stub that is not written yet stops here
+    with its own message ("Task 3.4 (...) is not written yet"); a wrong value raises CheckFailed
+    naming the task; a pass is remembered, so export() knows the chapter's checks have passed.
+    Without arguments: the chapter's invariant tests (tests/ marked with this chapter) run against
+    this notebook's saved code, as `make check CH=NN` runs them against the package.
+    """
+    if task is None:
+        return check_chapter()
+    label = f"Task {task}" + (f" ({title})" if title else "")
+
+    def run(fn: Callable[[], object]) -> Callable:
+        _passed.discard(task)
+        try:
+            fn()
+        except NotImplementedError as e:
+            _failed.add(task)
+            if str(e).startswith("Task "):
+                raise  # a stub: its message names the task that is not written yet
+            raise CheckFailed(f"{label}: NotImplementedError: {e}") from e
+        except AssertionError as e:
+            _failed.add(task)
+            raise CheckFailed(f"{label}: {e}") from None
+        except Exception as e:
+            _failed.add(task)
+            raise CheckFailed(f"{label}: your code raised {type(e).__name__}: {e}") from e
+        _failed.discard(task)
+        _passed.add(task)
+        print(f"{label}: passed")
+        return fn
 
     return run
 
 
-def export(notebook: str | None = None) -> None:
-    """Write the chapter's `#| export` cells into cleanvllm/ (all chapters when notebook is None).
+def check_chapter(chapter: str | None = None, notebook: str | None = None) -> None:
+    """Run the chapter's invariant tests against the code saved in this chapter's notebook."""
+    chapter = chapter or _chapter
+    if chapter is None:
+        raise ValueError("which chapter? call setup('NN') first, or check_chapter('NN')")
+    cmd = [sys.executable, str(ROOT / "tools" / "check.py"), chapter]
+    path = _notebook_path(notebook) if notebook else _notebook_of(chapter)
+    if path is not None:
+        cmd += ["--notebook", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    print(out.stdout.strip())
+    if out.returncode != 0:
+        raise CheckFailed(f"chapter {chapter}'s checks failed (above){out.stderr[-2000:]}")
 
-    It reads the notebook file from disk: save the notebook first (Ctrl-S in JupyterLab).
+
+def _notebook_of(chapter: str) -> Path | None:
+    """The chapter's notebook in the kernel's folder (notebooks/ or workbook/), if there is one."""
+    found = sorted(Path.cwd().glob(f"{chapter}_*.ipynb"))
+    return found[0] if found else None
+
+
+def exercise(name: str) -> Callable:
+    """Decorator for an exercise's check: runs it at once and says how the learner's answer fared.
+
+    A stub that still raises NotImplementedError counts as "not attempted yet", and so does a check
+    run before the exercise's cell; a wrong answer raises the check's AssertionError, whose message
+    says what is wrong.
+    """
+
+    def run(check_fn: Callable[[], object]) -> Callable:
+        try:
+            check_fn()
+        except NotImplementedError:
+            print(f"Exercise {name}: not attempted yet (a solution is in solutions/, try first)")
+            return check_fn
+        except NameError as e:
+            print(f"Exercise {name}: not attempted yet ({e}: run the exercise's cell above first)")
+            return check_fn
+        print(f"Exercise {name}: passed")
+        return check_fn
+
+    return run
+
+
+def _notebook_path(notebook: str) -> Path:
+    """A chapter file: as given, else in the kernel's folder, else the reference in notebooks/."""
+    p = Path(notebook)
+    for candidate in (p, Path.cwd() / p.name, ROOT / "notebooks" / p.name):
+        if candidate.exists():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no notebook {notebook} here ({Path.cwd()}) or in notebooks/")
+
+
+def _export_problems(path: Path) -> list[str]:
+    """Why exporting this notebook now would write something other than what was checked."""
+    import nbformat
+
+    ip = _ipython()
+    if ip is None:
+        return []  # a script or a terminal: nothing ran here to compare with
+    nb = nbformat.read(path, as_version=4)
+    history = set(ip.user_ns.get("In", [])) | set(_ran.values())
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not re.match(r"#\|\s*export\b", cell.source.lstrip()):
+            continue
+        ran = _ran.get(cell.get("id"))
+        if ran is not None and ran.strip() != cell.source.strip():
+            problems.append(f"cell {i}: the saved cell is not the code this kernel ran (save the "
+                            "notebook with Ctrl-S, or run the cell again)")
+        elif ran is None and cell.source not in history and cell.source.strip() not in {h.strip() for h in history}:
+            problems.append(f"cell {i}: not run in this kernel (or changed since it ran); run it")
+    tasks = sorted(set(re.findall(r"@check\(\s*[\"'](\d+\.\d+)[\"']", "\n".join(
+        c.source for c in nb.cells if c.cell_type == "code"))), key=lambda t: tuple(map(int, t.split("."))))
+    missing = [t for t in tasks if t not in _passed]
+    if missing:
+        problems.append(f"the checks of task(s) {', '.join(missing)} have not passed in this kernel")
+    return problems
+
+
+def export(notebook: str | None = None, force: bool = False) -> None:
+    """Write the chapter's `#| export` cells into cleanvllm/ (all reference chapters when None).
+
+    It reads the notebook file from disk, so it refuses when the saved file is not the code this
+    kernel ran (save with Ctrl-S first), and when the chapter's task checks have not all passed in
+    this kernel; `force=True` exports anyway (later chapters will then run that code).
     """
     cmd = [sys.executable, str(ROOT / "tools" / "export.py")]
     if notebook:
-        cmd.append(str(ROOT / "notebooks" / Path(notebook).name))
+        path = _notebook_path(notebook)
+        problems = [] if force else _export_problems(path)
+        if problems:
+            raise RuntimeError(f"not exported ({path.name}):\n  - " + "\n  - ".join(problems)
+                               + "\nexport(..., force=True) exports anyway.")
+        cmd.append(str(path))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"export failed:\n{out.stdout}{out.stderr}")

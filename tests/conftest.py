@@ -55,3 +55,9 @@ def pool_is_sound(llm):
     assert all(bm.blocks[b].ref_count == refs.get(b, 0) for b in range(len(bm.blocks)))
     assert all(r.seq.seq_id in {s.seq_id for s in [*llm.scheduler.running, *llm.scheduler.waiting]}
                or r.seq.is_finished for r in llm.requests.values())
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tasks(*ids): the workbook tasks a test exercises (tools/check.py names them)"
+    )

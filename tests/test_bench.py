@@ -23,6 +23,8 @@ from cleanvllm.bench import (
     weight_bytes,
 )
 
+CHAPTERS = ("09",)  # `make check CH=09` runs this file (tools/check.py)
+
 TINY_ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=128, max_model_len=512, device="cpu")
 
 

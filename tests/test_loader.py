@@ -11,6 +11,8 @@ from transformers import AutoConfig
 from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
 
+CHAPTERS = ("06",)  # `make check CH=06` runs this file (tools/check.py)
+
 
 @pytest.fixture
 def ckpt_copy(tiny_model, tmp_path):

@@ -15,6 +15,8 @@ from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
 from conftest import rel_err
 
+CHAPTERS = ("06",)  # `make check CH=06` runs this file (tools/check.py)
+
 
 def ours_vs_hf(path, prompts, chunk=None, bs=16):
     """Last-token logits from our model (no cache, or through a paged cache in two chunks) and HF."""

@@ -10,6 +10,8 @@ from cleanvllm.sampler import mask_stop_tokens, sample, sample_temperature
 from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy
 
+CHAPTERS = ("07",)  # `make check CH=07` runs this file (tools/check.py)
+
 
 def reference_probs(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
     """vLLM's order: temperature, top-k, top-p (smallest set reaching p), min-p. Float64, numpy."""

@@ -27,6 +27,8 @@ from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
 from cleanvllm.serve import AsyncEngine, ServerState, build_app, launch, wait_ready  # noqa: E402
 
+CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
+
 MAX_MODEL_LEN = 512
 NAME = "tiny"
 N = 16  # completion tokens of the greedy cases
