@@ -3,6 +3,7 @@
 - a chapter's checks run the chapter's own code: with its export cells blanked, it fails;
 - export cells are small steps (at most 50 lines);
 - every chapter has exercises, and the solutions in solutions/ pass their checks;
+- every cell runs twice in a row, and each task's check fails when that task alone is a stub;
 - an edit in an earlier chapter, exported, is what a later chapter runs.
 """
 
@@ -18,6 +19,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import workbook  # noqa: E402
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXERCISE = re.compile(r"^#\|\s*exercise\s+(\S+)\s*$", re.M)
 MAX_EXPORT_LINES = 50
@@ -60,8 +63,19 @@ def test_chapter_runs_its_own_code(nb_path):
         run(nb, nb_path.parent)
 
 
+def _texts(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
+
+
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem[:2])
-def test_exercises_and_their_solutions_pass(nb_path):
+def test_each_cell_twice_each_task_alone_and_the_solutions(nb_path):
+    """One execution of the chapter, in one kernel, that checks three rules at once:
+
+    - every cell runs twice in a row (a learner re-runs cells);
+    - each task's own check fails when that task alone is a stub (no check passes without its task),
+      and names the task;
+    - the exercises' solutions (solutions/NN_name.py) pass their checks.
+    """
     nb = nbformat.read(nb_path, as_version=4)
     stubs = {m.group(1): c for c in nb.cells if c.cell_type == "code" and (m := EXERCISE.match(c.source))}
     assert len(stubs) >= 2, f"{nb_path.name} has {len(stubs)} exercise(s); a chapter has 2-3"
@@ -69,9 +83,38 @@ def test_exercises_and_their_solutions_pass(nb_path):
     assert set(sols) == set(stubs), f"solutions {sorted(sols)} vs exercises {sorted(stubs)}"
     for name, cell in stubs.items():
         cell.source = f"#| exercise {name}\n{sols[name]}"
-    printed = run(nb, nb_path.parent)
+    tasks = workbook.parse_tasks(nb_path, nb)
+    client = NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(nb_path.parent)}})
+    printed, unchecked = [], []
+    with client.setup_kernel():
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            here = [t for t in tasks if t.cell == i]
+            for t in here:
+                check_at = next(j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"
+                                and t.id in workbook.CHECK.findall(nb.cells[j].source))
+                stub = nbformat.v4.new_code_cell(workbook.stub_source(cell.source, here, only={t.id}))
+                client.execute_cell(stub, i)
+                try:
+                    for j in range(i + 1, check_at + 1):
+                        if nb.cells[j].cell_type == "code":
+                            client.execute_cell(nbformat.v4.new_code_cell(nb.cells[j].source), j)
+                    unchecked.append(f"task {t.id}: its check passed with the task as a stub")
+                except CellExecutionError as e:
+                    if f"Task {t.id}" not in str(e):
+                        unchecked.append(f"task {t.id}: the stub failed elsewhere: {str(e)[-600:]}")
+            for attempt in ("first", "second"):
+                try:
+                    client.execute_cell(cell, i)
+                except CellExecutionError as e:
+                    raise AssertionError(f"{nb_path.name} cell {i} failed on its {attempt} run:\n"
+                                         f"{str(e)[-1500:]}") from None
+                printed.append(_texts(cell))
+    assert not unchecked, "\n".join(unchecked)
     for name in stubs:
-        assert f"Exercise {name}: passed" in printed, f"exercise {name}'s solution did not pass its check"
+        assert f"Exercise {name}: passed" in "".join(printed), f"exercise {name}'s solution did not pass its check"
 
 
 def test_an_exported_edit_in_chapter_3_is_what_chapter_4_runs(tmp_path, monkeypatch):
