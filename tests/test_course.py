@@ -1,0 +1,96 @@
+"""The course's plumbing (cleanvllm/course.py): what a learner sees when something is wrong."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from cleanvllm.course import CheckFailed, check, exercise, expect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_expect_names_what_was_compared_and_both_values():
+    expect([0, 1, 2], [0, 1, 2], "block table")
+    with pytest.raises(AssertionError, match=r"block table of a 9-token prompt: expected \[0, 1, 2\], got \[0, 1\]"):
+        expect([0, 1], [0, 1, 2], "block table of a 9-token prompt")
+    expect(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-7]), "rmsnorm")
+    with pytest.raises(AssertionError, match=r"rmsnorm: expected .*largest difference 0\.5 at flat index 1"):
+        expect(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]), "rmsnorm")
+    with pytest.raises(AssertionError, match=r"expected shape \(2,\), got \(3,\)"):
+        expect(torch.zeros(3), torch.zeros(2), "logits")
+    expect(0.1 + 0.2, 0.3, "sum", atol=1e-12)
+    with pytest.raises(AssertionError, match="sum: expected 0.3, got 0.31"):
+        expect(0.31, 0.3, "sum", atol=1e-3)
+
+
+def test_a_check_names_its_task_and_lets_a_stub_speak_for_itself(capsys):
+    @check("9.1", "double")
+    def _():
+        expect(2 * 2, 4, "double(2)")
+
+    assert "Task 9.1 (double): passed" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match=r"^Task 9\.2 \(double\): double\(3\): expected 6, got 5$"):
+        @check("9.2", "double")
+        def _():
+            expect(5, 6, "double(3)")
+    with pytest.raises(NotImplementedError, match=r"^Task 9\.3 \(triple\) is not written yet$"):
+        @check("9.3", "triple")
+        def _():
+            raise NotImplementedError("Task 9.3 (triple) is not written yet")
+    with pytest.raises(CheckFailed, match=r"Task 9\.4: your code raised IndexError: list index out of range"):
+        @check("9.4")
+        def _():
+            [][0]
+
+
+def test_an_exercise_checked_before_its_cell_ran_is_not_attempted(capsys):
+    @exercise("9.9")
+    def _():
+        return answer_not_defined_yet  # noqa: F821
+
+    assert "Exercise 9.9: not attempted yet" in capsys.readouterr().out
+
+
+def _kernel_run(cells: list[str], cwd: Path) -> str:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_export_refuses_unchecked_or_unsaved_notebooks(tmp_path):
+    export_cell = "#| export\ndef f():\n    return 1"
+    check_cell = 'try:\n    @check("1.1")\n    def _():\n        expect(f(), 2, "f()")\nexcept CheckFailed as e:\n    print(e)'
+    saved = nbformat.v4.new_notebook()
+    saved.cells = [nbformat.v4.new_code_cell(c) for c in ("#| default_exp nothing", export_cell, check_cell)]
+    nbformat.write(saved, tmp_path / "01_x.ipynb")
+    head = "from cleanvllm.course import CheckFailed, check, expect, export, setup\nsetup()"
+    attempt = 'try:\n    export("01_x.ipynb")\nexcept RuntimeError as e:\n    print("REFUSED", e)'
+    out = _kernel_run([head, export_cell, check_cell, attempt], tmp_path)
+    assert "Task 1.1: f(): expected 2, got 1" in out
+    assert "REFUSED" in out and "task(s) 1.1 have not passed" in out, out
+    # the kernel ran a cell that is not what the saved file holds (edited, not saved)
+    edited = export_cell.replace("return 1", "return 2")
+    out = _kernel_run([head, edited, check_cell, attempt], tmp_path)
+    assert "Task 1.1: passed" in out and "REFUSED" in out and "cell 1: not run in this kernel" in out, out
+
+
+def test_setup_names_an_earlier_chapter_whose_exported_code_fails_its_checks(tmp_path):
+    for d in ("cleanvllm", "notebooks", "tools", "tests"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    module = tmp_path / "cleanvllm" / "block_manager.py"
+    # a learner's chapter-3 export whose allocate is wrong (any mistake the chapter's tests catch)
+    module.write_text(module.read_text() + "\n\nBlockManager.allocate = lambda self, seq: None\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", "from cleanvllm.course import setup; setup('04')"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode != 0 and "chapter 03's code in the package fails its checks" in out.stderr, out.stderr[-3000:]
+    assert "make reset CH=03" in out.stderr
