@@ -29,6 +29,7 @@ _chapter: str | None = None  # set by setup("NN")
 _passed: set[str] = set()  # task ids whose check passed in this kernel
 _failed: set[str] = set()
 _ran: dict[str, str] = {}  # JupyterLab cell id -> the source this kernel last ran for it
+_current: list[str | None] = [None]  # the id of the cell running now (JupyterLab sends it)
 
 
 def setup(chapter: str | None = None, threads: int | None = None, seed: int = 0) -> str:
@@ -81,8 +82,9 @@ def _track_cells() -> None:
         return
 
     def record(info) -> None:
-        if getattr(info, "cell_id", None):
-            _ran[info.cell_id] = info.raw_cell
+        _current[0] = getattr(info, "cell_id", None)
+        if _current[0]:
+            _ran[_current[0]] = info.raw_cell
 
     ip.events.register("pre_run_cell", record)
     ip._cleanvllm_tracking = True
@@ -284,23 +286,39 @@ def _export_problems(path: Path) -> list[str]:
     if ip is None:
         return []  # a script or a terminal: nothing ran here to compare with
     nb = nbformat.read(path, as_version=4)
-    history = set(ip.user_ns.get("In", [])) | set(_ran.values())
+    history = list(ip.user_ns.get("In", []))
+    ran_sources = {h.strip() for h in history} | {r.strip() for r in _ran.values()}
+    # Only what comes before the cell calling export() must be run and checked: a chapter may
+    # export in its middle (chapter 6 does, so that its model module imports the new layers).
+    until = _calling_cell(nb, history[-1] if history else "")
     problems = []
-    for i, cell in enumerate(nb.cells):
+    for i, cell in enumerate(nb.cells[:until]):
         if cell.cell_type != "code" or not re.match(r"#\|\s*export\b", cell.source.lstrip()):
             continue
         ran = _ran.get(cell.get("id"))
         if ran is not None and ran.strip() != cell.source.strip():
             problems.append(f"cell {i}: the saved cell is not the code this kernel ran (save the "
                             "notebook with Ctrl-S, or run the cell again)")
-        elif ran is None and cell.source not in history and cell.source.strip() not in {h.strip() for h in history}:
+        elif ran is None and cell.source.strip() not in ran_sources:
             problems.append(f"cell {i}: not run in this kernel (or changed since it ran); run it")
     tasks = sorted(set(re.findall(r"@check\(\s*[\"'](\d+\.\d+)[\"']", "\n".join(
-        c.source for c in nb.cells if c.cell_type == "code"))), key=lambda t: tuple(map(int, t.split("."))))
+        c.source for c in nb.cells[:until] if c.cell_type == "code"))),
+        key=lambda t: tuple(map(int, t.split("."))))
     missing = [t for t in tasks if t not in _passed]
     if missing:
         problems.append(f"the checks of task(s) {', '.join(missing)} have not passed in this kernel")
     return problems
+
+
+def _calling_cell(nb, running: str) -> int:
+    """Index of the cell that is running export() now (by its id, else its source); else the end."""
+    for i, cell in enumerate(nb.cells):
+        if _current[0] and cell.get("id") == _current[0]:
+            return i
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and running.strip() and cell.source.strip() == running.strip():
+            return i
+    return len(nb.cells)
 
 
 def export(notebook: str | None = None, force: bool = False) -> None:
