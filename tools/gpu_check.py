@@ -261,17 +261,29 @@ def sh(cmd: list[str], env: dict, log: Path, timeout: int) -> tuple[int, float]:
 
 
 def why(log: Path) -> str:
-    """The failure's gist from a pytest/nbmake log: the error line and the cell it came from."""
-    text = log.read_text(errors="replace")
+    """A failure's gist from a pytest/nbmake log: the error, and the failing cell's first line
+    with the line the traceback points at (`---->`)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
     if "[gpu-check] timed out" in text:
         return text.strip().splitlines()[-1]
-    errs = re.findall(r"^(?:E\s+)?(\w+(?:Error|Exception|Failed|Interrupt)\b.*)$", text, re.M)
-    err = next((e for e in reversed(errs) if not e.startswith(("CellExecutionError",))), "")
-    cell = ""
-    m = re.findall(r"^-{5,}\n(.*?)\n-{5,}", text, re.M | re.S)  # nbclient prints the failing cell
-    if m:
-        cell = " ".join(m[-1].strip().splitlines()[-1:])[:100]
-    return (f"{err[:300]}" + (f"  [cell ends: {cell}]" if cell else "")) or text[-300:]
+    summary = re.findall(r"^FAILED \S+(?: - (.*))?$", text, re.M)
+    errs = re.findall(r"^(?:E\s+)?(\w+(?:Error|Exception|Failed|Interrupt|Exit)\b:.*)$", text, re.M)
+    err = (summary[-1] if summary and summary[-1] else "") or (errs[-1] if errs else "")
+    cells = re.findall(r"^-{20,}\n(.*?)\n-{20,}\n", text, re.M | re.S)  # the cell nbclient ran
+    at = re.findall(r"^-+> *\d+ (.*)$", text, re.M)
+    where = ""
+    if cells:
+        first = next((ln for ln in cells[-1].splitlines() if ln.strip()), "")
+        where = f"  [cell: {first.strip()[:60]!r} ...; at {at[0].strip()[:100]!r}]" if at else \
+            f"  [cell: {first.strip()[:60]!r}]"
+    return (err[:300] + where) if err else text.strip()[-300:]
+
+
+def keep_log(what: str, log: Path) -> None:
+    """A failure's log, as it happens, into $OUT/failed_logs.txt (what comes back from a lent machine)."""
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "failed_logs.txt", "a") as f:
+            f.write(f"===== {what}: {log.name}\n{log.read_text(errors='replace')[-20000:]}\n")
 
 
 def chapter_jobs(py: str, qwen: str | None) -> list[tuple]:
@@ -347,6 +359,8 @@ def measurements(py: str, env: dict, logs: Path, qwen: str, args) -> list[dict]:
         if not row["ok"]:
             row["numbers"] = why(logs / row["log"]) + " | " + row["numbers"]
         rows.append(row)
+        if not row["ok"]:
+            keep_log(name, logs / row["log"])
         print(f"[gpu-check] {name}: {'pass' if row['ok'] else 'FAIL'} in {secs:.0f} s", flush=True)
     return rows
 
@@ -414,6 +428,8 @@ def run(args) -> int:
         log = logs / f"{ch}-{how}.log".replace(" ", "_")
         rc, secs = sh(cmd, dict(share, **extra), log, args.timeout)
         print(f"[gpu-check] {ch} {how}: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s", flush=True)
+        if rc != 0:
+            keep_log(f"{ch} {how}", log)
         return (ch, how), {"ok": rc == 0, "seconds": secs, "why": "" if rc == 0 else why(log),
                            "log": log.name}
 
@@ -437,10 +453,6 @@ def run(args) -> int:
     (ROOT / "benchmarks" / "last_gpu_check.json").write_text(json.dumps(summary, indent=1))
     if os.environ.get("OUT"):
         shutil.copyfile(ROOT / "benchmarks" / "last_gpu_check.json", Path(os.environ["OUT"]) / "gpu_check.json")
-        with open(Path(os.environ["OUT"]) / "failed_logs.txt", "w") as f:
-            for (what, how), r in failures:
-                f.write(f"===== {what} {how}: {r['log']}\n")
-                f.write((logs / r["log"]).read_text(errors="replace")[-20000:] + "\n")
     print()
     if failures:
         print("Failures:")
