@@ -2,9 +2,10 @@
 
 gpu-check executes several chapters at once on one GPU. The engine sizes its KV cache from
 torch.cuda.mem_get_info() (gpu_memory_utilization x total - memory in use), so the first engine
-would take 90 % of the card and the others would find none. With CLEANVLLM_GPU_SHARE=k set, each
-process sees 1/k of the card as its total, and as free what it has not reserved of that share.
-Nothing else changes. Without the variable this file does nothing.
+would take 90 % of the card and the others would find none. With CLEANVLLM_GPU_MEM_BYTES=n set,
+torch.cuda.mem_get_info() says the card has n bytes, of which free is what this process has not
+reserved (never more than the card's real free memory). Nothing else changes. Without the variable
+this file does nothing.
 """
 
 import importlib.abc
@@ -17,11 +18,11 @@ _CONTEXT_BYTES = 768 << 20  # a CUDA context and cuBLAS' workspace, outside torc
 
 def _patch(torch) -> None:
     real = torch.cuda.mem_get_info
-    k = int(os.environ["CLEANVLLM_GPU_SHARE"])
+    share_bytes = int(os.environ["CLEANVLLM_GPU_MEM_BYTES"])
 
     def mem_get_info(device=None):
         free, total = real(device)
-        share = total // k
+        share = min(total, share_bytes)
         own = torch.cuda.memory_reserved(device) + _CONTEXT_BYTES
         return max(0, min(free, share - own)), share
 
@@ -49,7 +50,7 @@ class _AfterTorch(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("CLEANVLLM_GPU_SHARE", "").isdigit() and int(os.environ["CLEANVLLM_GPU_SHARE"]) > 1:
+if os.environ.get("CLEANVLLM_GPU_MEM_BYTES", "").isdigit():
     sys.meta_path.insert(0, _AfterTorch())
 
 # Another sitecustomize further along the path (the machine's own) still runs.
