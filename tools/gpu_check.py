@@ -461,6 +461,8 @@ def run(args) -> int:
     jobs.sort(key=lambda j: (LONG_FIRST.index(j[0]) if j[0] in LONG_FIRST else 99, j[1]))
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
+    if args.ways:
+        jobs = [j for j in jobs if j[1] in args.ways.split(",")]
     jobs = [(*j[:4], min(j[4], room_gib)) for j in jobs]  # a small card: one big job at a time
     jobs.sort(key=lambda j: -j[4])  # the big ones first: they wait longest for room
     gpu_tests = ("GPU tests", "tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
@@ -488,7 +490,8 @@ def run(args) -> int:
 
     # The table, last.
     total = time.perf_counter() - t0
-    hows = ["default"] + ([] if args.no_qwen else ["Qwen3-0.6B"]) + ["solutions"]
+    hows = [h for h in ["default"] + ([] if args.no_qwen else ["Qwen3-0.6B"]) + ["solutions"]
+            if not args.ways or h in args.ways.split(",")]
     failures = [(k, r) for k, r in results.items() if not r["ok"]] + \
                [((r["what"], ""), r) for r in rows if not r["ok"]]
     summary = {"facts": facts, "chapters": {f"{k[0]} {k[1]}": r for k, r in results.items()},
@@ -548,6 +551,7 @@ def main() -> int:
     r.add_argument("--rates", default=os.environ.get("GPU_SERVE_RATES", "8,32,inf"))
     r.add_argument("--no-qwen", action="store_true", help="skip the CLEANVLLM_MODEL pass")
     r.add_argument("--only", help="these chapters only, comma-separated (07,08); no GPU tests")
+    r.add_argument("--ways", help="of default,Qwen3-0.6B,solutions: these only (default: all three)")
     r.add_argument("--skip-bench", action="store_true", help="chapters and tests only")
     args = ap.parse_args()
     if args.cmd == "wheelhouse":
