@@ -504,7 +504,7 @@ def run(args) -> int:
     if failures:
         print("Failures:")
         for (what, how), r in failures:
-            print(f"  {what} {how}: {r.get('why') or r.get('numbers')}")
+            print(f"  {what}{'' if how in ('', 'tests') else ' ' + how}: {r.get('why') or r.get('numbers')}")
         print()
     print(f"gpu-check: {facts['device']}; commit {facts['commit']}")
     print("chapter 10's model:", facts["chapter 10's model"])
