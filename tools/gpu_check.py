@@ -408,7 +408,6 @@ def measurements(py: str, env: dict, logs: Path, qwen: str, args) -> list[dict]:
 def run(args) -> int:
     t0 = time.perf_counter()
     py = args.python
-    stage(quiet=True)
     facts = {}
     probe = subprocess.run([py, "-c", "import json, torch, triton, transformers; c = torch.cuda.is_available(); "
                             "print(json.dumps([c, torch.cuda.get_device_name() if c else '-', torch.__version__, "
@@ -425,6 +424,7 @@ def run(args) -> int:
         return 2
     facts["device"] = f"{gpu}; torch {tv}, triton {trv}, transformers {hv}"
     room_gib = 0.9 * total_bytes / 2**30
+    stage(quiet=True)
     facts.update(install(py))
     commit = os.environ.get("GPU_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
