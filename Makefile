@@ -14,7 +14,7 @@ CH ?=
 # This checkout's package comes first, also for notebook kernels started from here.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check tiny clean workbook check reset
+.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check wheelhouse tiny clean workbook check reset
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -92,14 +92,11 @@ bench: setup ## the throughput benchmark (GPU: full size; see benchmarks/RESULTS
 bench-cpu: setup ## chapter 10's race on the CPU: the engine vs transformers' generate (SmolLM2, 1 thread, 8 x 64 tokens)
 	$(PY) -m cleanvllm.demo --vs-transformers
 
-gpu-check: ## on a GPU machine (its own python3): GPU tests, benchmark, profile, batch sweep, serving; tables last
-	export PYTHONPATH=$(CURDIR):$$PYTHONPATH; rc=0; \
-	$(GPU_PY) -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_fused.py tests/test_gpu.py || rc=$$?; \
-	$(GPU_PY) -m cleanvllm.bench --out benchmarks/last_run.json || rc=$$?; \
-	$(GPU_PY) -m cleanvllm.bench --profile --batch-sizes 1,256 --out benchmarks/last_profile.json || rc=$$?; \
-	$(GPU_PY) -m cleanvllm.bench --sweep --out benchmarks/last_sweep.json || rc=$$?; \
-	model=$$($(GPU_PY) -c "from cleanvllm.bench import QWEN3_0_6B, random_checkpoint; print(random_checkpoint(QWEN3_0_6B))"); \
-	$(GPU_PY) -m cleanvllm.serve $$model --bench --out benchmarks/last_serve.json || rc=$$?; exit $$rc
+gpu-check: ## on a GPU machine (GPU_PY, default python3): every chapter 3 ways, GPU tests, bench, profile, sweep, serving; one table last
+	$(GPU_PY) tools/gpu_check.py run --python $(GPU_PY)
+
+wheelhouse: ## download the wheels the lent GPU machine lacks (Python 3.12, x86-64) into .gpu/a, .gpu/b
+	$(PY) tools/gpu_check.py wheelhouse
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
