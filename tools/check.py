@@ -93,7 +93,8 @@ def run(chapter: str, notebook: Path | None, quiet: bool) -> int:
                 print(f"chapter {chapter}: the notebook does not export: {out.stdout}{out.stderr}")
                 return 1
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p",
+        # -P: `python -m` would put the current folder first and hide the package under test
+        cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p",
                "cleanvllm_check_plugin", "--no-header", "-o", "addopts=", *map(str, files)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         seconds = time.perf_counter() - start
