@@ -481,7 +481,9 @@ def qk_norm_rope_store(
     caches [blocks, block_size, kv_heads, D] at slot_mapping (-1: not stored)."""
     n, kv_heads, d = qkv.shape[0], k_cache.shape[-2], k_cache.shape[-1]
     heads = qkv.shape[1] // d - 2 * kv_heads
-    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous(), (
+        "qkv's features and the caches must be contiguous"
+    )
     q = torch.empty(n, heads, d, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm is not None
     qw, kw = (q_norm.weight, k_norm.weight) if norm else (qkv, qkv)  # unread without norms

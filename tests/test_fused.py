@@ -38,6 +38,7 @@ def rms64(x, w, eps):
 CASES = [(4, 2, 16, True), (6, 3, 24, True), (3, 1, 32, False)]
 
 
+@pytest.mark.tasks("6.15")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads,d,norm", CASES)
 def test_fused_qk_norm_rope_store_matches_float64_steps(device, heads, kv_heads, d, norm):
@@ -74,6 +75,7 @@ def test_fused_qk_norm_rope_store_matches_float64_steps(device, heads, kv_heads,
     assert kflat[untouched].isnan().all() and vflat[untouched].isnan().all()
 
 
+@pytest.mark.tasks("6.12", "6.14", "6.15")
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_kernel_rounds_like_the_separate_kernels_in_bf16(device):
     """It rounds where rmsnorm_triton, rope_triton and store_kvcache round (full Qwen3 shape on a GPU):
