@@ -2,6 +2,14 @@
 layers keep (and what they compute, two ranks as threads with their own gloo groups), RMSNorm,
 SiLU-and-multiply and rotary in PyTorch (float64 formulas, transformers) and as Triton kernels (on
 the CPU through the interpreter), and the loader's name mapping."""
+import os
+import sys
+
+# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
+# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
+# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
 import math
 import threading
 from datetime import timedelta
@@ -48,7 +56,22 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.mark.tasks("6.1")
+@pytest.mark.tasks("6.1", "6.2")
+def test_collectives_sum_on_every_rank_and_gather_on_the_first():
+    def run(tp):
+        x = torch.tensor([[tp.rank + 1.0, 10.0 * tp.rank]])
+        return tp.all_reduce(x.clone()), tp.gather_to_first(x)
+
+    for size in (2, 3):
+        out = ranks(run, size)
+        for rank, (summed, gathered) in enumerate(out):
+            assert summed.tolist() == [[sum(range(1, size + 1)), 10.0 * sum(range(size))]], f"rank {rank}/{size}"
+            want = [sum(([r + 1.0, 10.0 * r] for r in range(size)), [])] if rank == 0 else None
+            assert (gathered.tolist() if gathered is not None else None) == want, f"rank {rank}/{size}"
+    assert TPGroup().all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.tasks("6.3")
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_column_parallel_rank_keeps_its_rows(size):
     w, b = rand(6, 5), rand(6, seed=1)
@@ -60,7 +83,7 @@ def test_column_parallel_rank_keeps_its_rows(size):
         assert torch.equal(layer.weight.data, w[rows]) and torch.equal(layer.bias.data, b[rows]), f"rank {r}/{size}"
 
 
-@pytest.mark.tasks("6.2")
+@pytest.mark.tasks("6.4", "6.5")
 @pytest.mark.parametrize("size", [1, 2])
 def test_packed_qkv_rank_keeps_its_heads_of_every_part(size):
     hidden, hd, heads, kv = 8, 2, 4, 2
@@ -73,7 +96,7 @@ def test_packed_qkv_rank_keeps_its_heads_of_every_part(size):
         assert torch.equal(layer.weight.data, torch.cat(mine)), f"rank {r}/{size}: [its q; its k; its v]"
 
 
-@pytest.mark.tasks("6.3")
+@pytest.mark.tasks("6.6")
 def test_row_parallel_rank_keeps_its_columns_and_the_whole_bias():
     w, b = rand(4, 6), rand(4, seed=1)
     for r in range(2):
@@ -83,7 +106,7 @@ def test_row_parallel_rank_keeps_its_columns_and_the_whole_bias():
         assert torch.equal(layer.weight.data, w[:, 3 * r:3 * r + 3]) and torch.equal(layer.bias.data, b)
 
 
-@pytest.mark.tasks("6.3", "6.4")
+@pytest.mark.tasks("6.6", "6.7")
 def test_row_parallel_sums_the_ranks_and_adds_the_bias_once():
     w, b, x = rand(4, 6), rand(4, seed=1), rand(3, 6, seed=2)
 
@@ -98,7 +121,7 @@ def test_row_parallel_sums_the_ranks_and_adds_the_bias_once():
         assert (y.double() - ref).abs().max() < 1e-5
 
 
-@pytest.mark.tasks("6.5")
+@pytest.mark.tasks("6.8")
 @pytest.mark.parametrize("vocab,size", [(11, 2), (10, 4), (8, 2), (7, 1)])
 def test_vocab_ranges_cover_the_vocabulary_once(vocab, size):
     layers = [VocabParallelEmbedding(vocab, 3, TPGroup(r, size)) for r in range(size)]
@@ -107,7 +130,7 @@ def test_vocab_ranges_cover_the_vocabulary_once(vocab, size):
     assert all(e.weight.shape == (per, 3) for e in layers)
 
 
-@pytest.mark.tasks("6.5", "6.6")
+@pytest.mark.tasks("6.8", "6.9")
 def test_vocab_parallel_embedding_and_head_on_two_ranks():
     emb_w, ids, h = rand(11, 4), torch.tensor([0, 5, 6, 10, 3, 5]), rand(2, 4, seed=1)
 
@@ -126,7 +149,7 @@ def rms64(x, w, eps):
     return x / (x * x).mean(-1, keepdim=True).add(eps).sqrt() * w
 
 
-@pytest.mark.tasks("6.7")
+@pytest.mark.tasks("6.10")
 @pytest.mark.parametrize("scale", [1.0, 1e-3])  # at 1e-3, mean(x^2) is as small as eps
 def test_rmsnorm_matches_the_float64_formula(scale):
     x, r, w = rand(5, 64, dtype=torch.float64) * scale, rand(5, 64, seed=1, dtype=torch.float64) * scale, rand(64, seed=2)
@@ -138,7 +161,7 @@ def test_rmsnorm_matches_the_float64_formula(scale):
     assert (y.double() - rms64(x + r, w.double(), 1e-6)).abs().max() < 1e-5
 
 
-@pytest.mark.tasks("6.7")
+@pytest.mark.tasks("6.10")
 def test_rmsnorm_in_bf16_rounds_like_transformers():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
     x, w = rand(7, 64).bfloat16(), rand(64, seed=1).bfloat16()
@@ -147,14 +170,14 @@ def test_rmsnorm_in_bf16_rounds_like_transformers():
     assert torch.equal(ours.forward_native(x), theirs(x))
 
 
-@pytest.mark.tasks("6.8")
+@pytest.mark.tasks("6.11")
 def test_silu_and_mul():
     x = rand(4, 2 * 16, dtype=torch.float64)
     gate, up = x[:, :16], x[:, 16:]
     assert (SiluAndMul().forward_native(x.float()).double() - gate / (1 + (-gate).exp()) * up).abs().max() < 1e-6
 
 
-@pytest.mark.tasks("6.9")
+@pytest.mark.tasks("6.12")
 def test_rope_inv_freq_default_and_llama3():
     d, theta = 64, 500000.0
     plain = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -168,7 +191,7 @@ def test_rope_inv_freq_default_and_llama3():
         rope_inv_freq(d, theta, {"rope_type": "yarn"})
 
 
-@pytest.mark.tasks("6.10")
+@pytest.mark.tasks("6.13")
 def test_rotary_table_is_cos_then_sin_of_position_times_frequency():
     d, theta = 32, 10000.0
     table = RotaryEmbedding(d, 50, theta).cos_sin
@@ -188,7 +211,7 @@ def rope64(x, pos, theta):
     return out
 
 
-@pytest.mark.tasks("6.10", "6.11")
+@pytest.mark.tasks("6.13", "6.14")
 def test_rotary_rotates_pairs_i_and_i_plus_half():
     d, theta, pos = 16, 10000.0, torch.tensor([0, 1, 5, 33])
     q, k = rand(4, 3, d, dtype=torch.float64), rand(4, 1, d, seed=1, dtype=torch.float64)
@@ -201,7 +224,7 @@ def triton_ok(device):
     return device == "cuda" or not torch.cuda.is_available()
 
 
-@pytest.mark.tasks("6.12")
+@pytest.mark.tasks("6.15")
 @pytest.mark.parametrize("device", DEVICES)
 def test_rmsnorm_kernel_matches_the_pytorch_path(device):
     if not triton_ok(device):
@@ -216,7 +239,7 @@ def test_rmsnorm_kernel_matches_the_pytorch_path(device):
     assert (rmsnorm_triton(heads.to(device), w.to(device), 1e-6).cpu() - norm.forward_native(heads)).abs().max() < 1e-5
 
 
-@pytest.mark.tasks("6.13")
+@pytest.mark.tasks("6.16")
 @pytest.mark.parametrize("device", DEVICES)
 def test_silu_mul_kernel_matches_the_pytorch_path(device):
     if not triton_ok(device):
@@ -226,7 +249,7 @@ def test_silu_mul_kernel_matches_the_pytorch_path(device):
         assert (silu_mul_triton(x.to(device), block=block).cpu() - F.silu(x[:, :40]) * x[:, 40:]).abs().max() < 1e-6
 
 
-@pytest.mark.tasks("6.14")
+@pytest.mark.tasks("6.17")
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_kernel_matches_the_float64_definition(device):
     if not triton_ok(device):
@@ -239,7 +262,7 @@ def test_rope_kernel_matches_the_float64_definition(device):
     assert (k2.cpu().double() - rope64(k.double(), pos, theta)).abs().max() < 1e-5
 
 
-@pytest.mark.tasks("6.21")
+@pytest.mark.tasks("6.28")
 def test_route_renames_the_packed_projections_only():
     assert route("model.layers.3.self_attn.v_proj.weight", PACKED_MODULES) == ("model.layers.3.self_attn.qkv_proj.weight", "v")
     assert route("model.layers.0.self_attn.q_proj.bias", PACKED_MODULES) == ("model.layers.0.self_attn.qkv_proj.bias", "q")
