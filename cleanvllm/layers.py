@@ -91,6 +91,7 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, divide(out_features, tp.size, "output features"), bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Copy this rank's rows of the full checkpoint tensor `loaded` (W or b) into param."""
         check_shape(loaded, (self.full_out, *param.shape[1:]))
         param.data.copy_(loaded.chunk(self.tp.size, 0)[self.tp.rank])
 
@@ -109,6 +110,7 @@ class PackedColumnParallelLinear(ColumnParallelLinear):
                 p.shards = tuple(sizes)  # the loader expects one checkpoint tensor per part
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard) -> None:
+        """Copy this rank's slice of part `shard` (its full checkpoint tensor) into its place."""
         check_shape(loaded, (self.sizes[shard], *param.shape[1:]))
         names = list(self.sizes)
         offset = sum(self.sizes[n] for n in names[: names.index(shard)]) // self.tp.size
@@ -159,6 +161,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(divide(in_features, tp.size, "input features"), out_features, bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Copy this rank's columns of W, or the whole bias (it is not split), into param."""
         if param.dim() == 1:  # the bias is not split
             check_shape(loaded, tuple(param.shape))
             param.data.copy_(loaded)
@@ -167,6 +170,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.chunk(self.tp.size, 1)[self.tp.rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: this rank's slice of the input features; every rank returns the full x W^T + b."""
         y = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(y)
 
@@ -189,6 +193,7 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: self.end - self.start].copy_(loaded[self.start : self.end])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, hidden] of token ids [N], assembled over the ranks."""
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         mine = (ids >= self.start) & (ids < self.end)
@@ -219,6 +224,7 @@ class RMSNorm(nn.Module):
         return self.forward_native(x, residual)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """PyTorch: y = norm(x) * weight, or with a residual (y, s) for s = x + residual, y = norm(s)."""
         if residual is not None:
             x = x + residual  # the fused residual add: the sum is the next residual
         xf = x.float()
@@ -235,20 +241,27 @@ class SiluAndMul(nn.Module):
         return silu_mul_triton(x) if x.is_cuda else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch: silu(gate) * up, for the two halves [gate | up] of the last dim."""
         gate, up = x.chunk(2, -1)
         return F.silu(gate) * up
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/head_dim), i < head_dim / 2; Llama 3's rope scaling if asked."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind in (None, "default"):
-        return inv_freq
-    if kind != "llama3":
+def rope_type(scaling: dict | None) -> str:
+    """The rope scaling a config asks for: "default" or "llama3" (a ValueError for any other)."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    if kind not in ("default", "llama3"):
         raise ValueError(
             f"rope_scaling type {kind!r} is not supported (supported: default, llama3)"
         )
+    return kind
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/head_dim), i < head_dim / 2; Llama 3's rope scaling if asked."""
+    kind = rope_type(scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if kind == "default":
+        return inv_freq
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -284,25 +297,18 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, D] rotated by the angles whose cos and sin [N, 1, D / 2] are given."""
         x1, x2 = x.chunk(2, -1)  # feature i is paired with feature i + head_dim / 2
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
 @triton.jit
 def _rmsnorm_kernel(
-    X,
-    R,
-    W,
-    Y,
-    RO,
-    heads,
-    stride_x,
-    stride_r,
-    eps,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-):
+    X, R, W, Y, RO, heads, stride_x, stride_r, eps,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """One program per row: Y = RMSNorm(X [+ R]) * W; with R, the sum X + R goes to RO. Row `row`
+    of X is head `row % heads` of token `row // heads` (heads = 1 for [N, D] hidden states)."""
     row = tl.program_id(0)
     offs = tl.arange(0, D_PAD)
     mask = offs < D
@@ -336,6 +342,7 @@ def rmsnorm_triton(
 
 @triton.jit
 def _silu_mul_kernel(X, Y, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, blk): Y[row, blk's features] = silu(gate) * up, X's row being [gate | up]."""
     row, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -356,15 +363,11 @@ def silu_mul_triton(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 @triton.jit
 def _rope_kernel(
-    X,
-    CS,
-    POS,
-    stride,
-    HEADS: tl.constexpr,
-    H_PAD: tl.constexpr,
-    HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-):
+    X, CS, POS, stride,
+    HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):  # fmt: skip
+    """One program per token: rotate its HEADS heads of X in place, by the row of CS (cos | sin)
+    of its position; every product rounded to X's dtype, as the PyTorch version rounds."""
     token = tl.program_id(0)
     pos = tl.load(POS + token)
     h, offs = tl.arange(0, H_PAD), tl.arange(0, HALF_PAD)
@@ -376,10 +379,7 @@ def _rope_kernel(
     mask = (h[:, None] < HEADS) & (offs[None, :] < HALF)
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    a, b = (
-        (x1 * cos).to(dt).to(tl.float32),
-        (x2 * sin).to(dt).to(tl.float32),
-    )  # each product rounded
+    a, b = (x1 * cos).to(dt).to(tl.float32), (x2 * sin).to(dt).to(tl.float32)  # rounded products
     c, d = (x2 * cos).to(dt).to(tl.float32), (x1 * sin).to(dt).to(tl.float32)
     tl.store(ptr, (a - b).to(dt), mask=mask)
     tl.store(ptr + HALF, (c + d).to(dt), mask=mask)
@@ -392,15 +392,20 @@ def rope_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_s
         assert x.stride(1) == 2 * half and x.stride(2) == 1, (
             "each head's features must be contiguous"
         )
+        heads, h_pad, half_pad = (
+            x.shape[1],
+            triton.next_power_of_2(x.shape[1]),
+            triton.next_power_of_2(half),
+        )
         _rope_kernel[(x.shape[0],)](
             x,
             cos_sin,
             positions,
             x.stride(0),
-            HEADS=x.shape[1],
-            H_PAD=triton.next_power_of_2(x.shape[1]),
+            HEADS=heads,
+            H_PAD=h_pad,
             HALF=half,
-            HALF_PAD=triton.next_power_of_2(half),
+            HALF_PAD=half_pad,
         )
     return q, k
 
@@ -426,6 +431,8 @@ def _qk_norm_rope_store_kernel(
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
+    """One program per token: its query heads normalised, rotated and written to Q_OUT; its key
+    heads normalised, rotated and its value heads copied into the caches at its slot."""
     token = tl.program_id(0)
     dt = Q_OUT.dtype.element_ty
     D: tl.constexpr = 2 * HALF
@@ -474,7 +481,9 @@ def qk_norm_rope_store(
     caches [blocks, block_size, kv_heads, D] at slot_mapping (-1: not stored)."""
     n, kv_heads, d = qkv.shape[0], k_cache.shape[-2], k_cache.shape[-1]
     heads = qkv.shape[1] // d - 2 * kv_heads
-    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous(), (
+        "qkv's features and the caches must be contiguous"
+    )
     q = torch.empty(n, heads, d, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm is not None
     qw, kw = (q_norm.weight, k_norm.weight) if norm else (qkv, qkv)  # unread without norms

@@ -1,5 +1,13 @@
 """The fused GPU kernels of chapters 6 and 7 (Triton; on the CPU through the interpreter, small shapes):
 q/k RMSNorm + rotary + KV store in one kernel, and the one-pass (Gumbel-max) sampler."""
+import os
+import sys
+
+# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
+# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
+# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +46,7 @@ def rms64(x, w, eps):
 CASES = [(4, 2, 16, True), (6, 3, 24, True), (3, 1, 32, False)]
 
 
+@pytest.mark.tasks("6.18")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads,d,norm", CASES)
 def test_fused_qk_norm_rope_store_matches_float64_steps(device, heads, kv_heads, d, norm):
@@ -74,6 +83,7 @@ def test_fused_qk_norm_rope_store_matches_float64_steps(device, heads, kv_heads,
     assert kflat[untouched].isnan().all() and vflat[untouched].isnan().all()
 
 
+@pytest.mark.tasks("6.15", "6.17", "6.18")
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_kernel_rounds_like_the_separate_kernels_in_bf16(device):
     """It rounds where rmsnorm_triton, rope_triton and store_kvcache round (full Qwen3 shape on a GPU):

@@ -1,4 +1,12 @@
 """The strict loader (chapter 6): every refusal names the tensor (or the file); wrong float dtypes too."""
+import os
+import sys
+
+# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
+# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
+# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
 
 import json
 import shutil
@@ -39,24 +47,28 @@ def _edit_config(path, fn):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_a_missing_tensor(ckpt_copy):
     _edit(ckpt_copy, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj\.weight \[k\]"):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_an_unexpected_tensor(ckpt_copy):
     _edit(ckpt_copy, lambda t: t.__setitem__("model.layers.9.mlp.extra.weight", torch.zeros(2, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.extra\.weight"):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_a_wrong_shape(ckpt_copy):
     _edit(ckpt_copy, lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros(64, 100, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match=r"down_proj\.weight.*\(64, 100\)"):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_an_integer_tensor(ckpt_copy):
     _edit(ckpt_copy, lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int32)))
     with pytest.raises(ValueError, match=r"model\.norm\.weight.*int32"):
@@ -66,6 +78,7 @@ def test_loader_rejects_an_integer_tensor(ckpt_copy):
 @pytest.mark.parametrize("name, dtype", [("model.layers.2.mlp.down_proj.weight", torch.float16),
                                          ("model.layers.0.self_attn.k_proj.weight", torch.float64),
                                          ("model.norm.weight", torch.float8_e4m3fn)])
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_a_float_tensor_of_another_dtype(ckpt_copy, dtype, name):
     """Issue 13 item 11: one float16/float64/float8 tensor in a bfloat16 checkpoint loaded silently."""
     _edit(ckpt_copy, lambda t: t.__setitem__(name, t[name].to(dtype)))
@@ -73,12 +86,14 @@ def test_loader_rejects_a_float_tensor_of_another_dtype(ckpt_copy, dtype, name):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_weights_that_contradict_the_declared_dtype(ckpt_copy):
     _edit_config(ckpt_copy, lambda c: c.__setitem__("torch_dtype", "float32"))  # the files hold bfloat16
     with pytest.raises(ValueError, match=r"bfloat16.*float32"):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_without_a_declared_dtype_the_tensors_must_agree(ckpt_copy):
     _edit_config(ckpt_copy, lambda c: c.pop("torch_dtype"))
     ref = load_file(ckpt_copy / "model.safetensors")
@@ -90,6 +105,7 @@ def test_without_a_declared_dtype_the_tensors_must_agree(ckpt_copy):
         _load(ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_a_float32_checkpoint_declared_float32_loads(ckpt_copy):
     _edit(ckpt_copy, lambda t: t.update({k: v.float() for k, v in t.items()}))
     _edit_config(ckpt_copy, lambda c: c.__setitem__("torch_dtype", "float32"))
@@ -97,6 +113,7 @@ def test_a_float32_checkpoint_declared_float32_loads(ckpt_copy):
     assert torch.equal(_load(ckpt_copy).model.layers[1].mlp.down_proj.weight, ref)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_names_a_corrupt_config_json(tiny_model, ckpt_copy):
     model = Qwen3ForCausalLM(AutoConfig.from_pretrained(tiny_model), max_position=64)
     (ckpt_copy / "config.json").write_text('{"torch_dtype": "bfloat16",')
@@ -104,6 +121,7 @@ def test_loader_names_a_corrupt_config_json(tiny_model, ckpt_copy):
         load_model(model, ckpt_copy)
 
 
+@pytest.mark.tasks("6.29", "6.30")
 def test_loader_rejects_a_truncated_file(ckpt_copy):
     f = ckpt_copy / "model.safetensors"
     data = f.read_bytes()

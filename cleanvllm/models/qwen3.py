@@ -104,6 +104,7 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden_size] -> [N, hidden_size], summed over the ranks."""
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -120,7 +121,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """Returns (MLP output, residual); their sum is the layer's output."""
+        """Returns (MLP output, residual); their sum is the layer's output. The layer's input is
+        hidden + residual (hidden alone, with residual None, in the first layer)."""
         if residual is None:  # the first layer: the residual is the embedding itself
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -145,6 +147,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [N], all tokens of the step; returns the final hidden states [N, H]."""
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
