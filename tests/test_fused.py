@@ -1,12 +1,5 @@
 """The fused GPU kernels of chapters 6 and 7 (Triton; on the CPU through the interpreter, small shapes):
 q/k RMSNorm + rotary + KV store in one kernel, and the one-pass (Gumbel-max) sampler."""
-import os
-import sys
-
-# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
-# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
-# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 import numpy as np
 import pytest

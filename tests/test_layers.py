@@ -2,13 +2,6 @@
 layers keep (and what they compute, two ranks as threads with their own gloo groups), RMSNorm,
 SiLU-and-multiply and rotary in PyTorch (float64 formulas, transformers) and as Triton kernels (on
 the CPU through the interpreter), and the loader's name mapping."""
-import os
-import sys
-
-# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
-# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
-# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 import math
 import threading

@@ -1,11 +1,4 @@
 """The strict loader (chapter 6): every refusal names the tensor (or the file); wrong float dtypes too."""
-import os
-import sys
-
-# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
-# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
-# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 import json

@@ -1,12 +1,5 @@
 """Model parity with transformers (Qwen3, Qwen2, Llama with llama3 rope scaling), and tensor
 parallelism that depends only on the TPGroup a model is built with (the loader: test_loader.py)."""
-import os
-import sys
-
-# tools/check.py puts the package under test (a notebook's code, or a seeded mistake) first on
-# PYTHONPATH, but `python -m pytest` runs in the checkout, whose own cleanvllm/ then comes first on
-# sys.path and shadows it: PYTHONPATH's entries go back in front, before cleanvllm is imported.
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 import threading
 from datetime import timedelta
