@@ -365,21 +365,22 @@ PREFIXES = [[], SYSTEM[:4], SYSTEM[:8], SYSTEM, [1, 2, 3, 0, 1, 2]]
 
 
 class Pool(RuleBasedStateMachine):
-    """Requests arrive with shared prefixes, are computed in chunks, decode, reserve ahead and
-    leave (once or twice), in a pool small enough that allocations evict cached prefixes."""
+    """Requests arrive with shared prefixes or go on from requests that left, are computed in
+    chunks, decode, reserve ahead and leave (once or twice), in a pool small enough that
+    allocations evict cached prefixes."""
 
     def __init__(self):
         super().__init__()
         self.bm: BlockManager | None = None
         self.live: list[Sequence] = []
+        self.gone: list[list[int]] = []  # the tokens of sequences that left: follow-ups reuse them
 
     @initialize(num_blocks=st.integers(3, 14))
     def pool(self, num_blocks):
         self.bm = BlockManager(num_blocks, BS)
 
-    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=1, max_size=6))
-    def add(self, prefix, tail):
-        seq = Sequence(prefix + tail, block_size=BS)
+    def _add(self, tokens: list[int], prefill: bool) -> None:
+        seq = Sequence(tokens, block_size=BS)
         if not self.bm.can_allocate(seq):
             return
         self.bm.allocate(seq)
@@ -389,6 +390,22 @@ class Pool(RuleBasedStateMachine):
         for i in range(seq.num_cached_tokens // BS):
             assert self.bm.blocks[seq.block_table[i]].token_ids == seq.block(i), \
                 f"allocate gave {seq} a cached block {i} holding other tokens"
+        if prefill:  # the whole prompt computed in one step
+            seq.num_cached_tokens = len(seq)
+            self.bm.hash_blocks(seq)
+
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=1, max_size=6),
+          prefill=st.booleans())
+    def add(self, prefix, tail, prefill):
+        self._add(prefix + tail, prefill)
+
+    @rule(data=st.data(), tail=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+          prefill=st.booleans())
+    def follow_up(self, data, tail, prefill):
+        """A request that goes on from one that left (a chat's next turn): its cached blocks are
+        free, and a hit revives them."""
+        if self.gone:
+            self._add(data.draw(st.sampled_from(self.gone)) + tail, prefill)
 
     @rule(data=st.data())
     def compute(self, data):
@@ -432,6 +449,7 @@ class Pool(RuleBasedStateMachine):
             if twice:
                 self.bm.deallocate(seq)
             self.live.remove(seq)
+            self.gone = [list(seq.token_ids), *self.gone[:3]]
 
     @invariant()
     def the_pool_is_sound(self):
