@@ -10,5 +10,9 @@ class UnhashedFirst(BlockManager):
         return (unhashed + cached)[:n]
 
 # %% exercise 3.2
-def wasted_slots(lengths: list[int], block_size: int) -> int:
-    return sum(-(-n // block_size) * block_size - n for n in lengths)
+def fork(bm: BlockManager, parent: Sequence) -> Sequence:
+    child = Sequence(parent.token_ids, block_size=bm.block_size)
+    full = len(parent) // bm.block_size  # full blocks: shared; a partly filled last one: fresh
+    fresh = bm._free_blocks_to_take(len(parent.block_table) - full, keep=[])
+    bm._assign(child, parent.block_table[:full], fresh)
+    return child
