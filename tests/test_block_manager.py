@@ -7,15 +7,7 @@ The tests run in task order and `make check CH=03` stops at the first failure, s
 named by the first test that meets it: the task tests come first, the random operations last.
 """
 
-import os
-import sys
 from collections import Counter
-
-# tools/check.py points PYTHONPATH at the code under check (the notebook's code exported to a
-# temporary copy of the package, or a seeded mistake) but runs pytest from the repository, and
-# Python puts the working directory ahead of PYTHONPATH: the repository's package would be checked
-# instead. So PYTHONPATH's entries come first here, before cleanvllm is imported.
-sys.path[:0] = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 import numpy as np
 import pytest

@@ -94,7 +94,7 @@ def run(chapter: str, notebook: Path | None, quiet: bool) -> int:
                 return 1
         start = time.perf_counter()
         # -P: `python -m` would put the current folder first and hide the package under test
-        cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p",
+        cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--color=no", "-p",
                "cleanvllm_check_plugin", "--no-header", "-o", "addopts=", *map(str, files)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         seconds = time.perf_counter() - start
