@@ -39,6 +39,7 @@ def _store_kvcache_kernel(
     key, key_stride, value, value_stride, k_cache, v_cache, slot_mapping,
     D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
+    """One program per new token: copy its D = kv_heads * head_dim key and value numbers to its slot."""
     token = tl.program_id(0)
     slot = tl.load(slot_mapping + token)
     if slot == -1:  # padding: nothing to write
@@ -60,8 +61,12 @@ def store_kvcache(
 ) -> None:
     """Write key/value [N, kv_heads, head_dim] into the paged caches at slot_mapping (Triton)."""
     n, kvh, hd = key.shape
-    assert key.stride(-1) == 1 and key.stride(1) == hd and value.stride(1) == hd
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.numel() == n
+    assert key.stride(-1) == 1 and key.stride(1) == hd and value.stride(1) == hd, (
+        "store_kvcache: each token's keys (and values) must be one row of kv_heads * head_dim numbers"
+    )
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.numel() == n, (
+        "store_kvcache: the caches must be contiguous, with one slot per token"
+    )
     D = kvh * hd
     _store_kvcache_kernel[(n,)](
         key, key.stride(0), value, value.stride(0), k_cache, v_cache, slot_mapping,
@@ -87,6 +92,14 @@ def gather_index(
         index = block_tables[:, pos_k // block_size] * block_size + pos_k % block_size
     valid = pos_k[None, :] < context_lens[:, None]
     return torch.where(valid, index, index[:, :1]), valid  # past the end: the first key's row
+
+
+def causal_mask(q_lens: torch.Tensor, context_lens: torch.Tensor, max_k: int) -> torch.Tensor:
+    """[B, max_q, max_k]: True where query i of sequence b may see key j (queries end the context)."""
+    pos_q = torch.arange(int(q_lens.max()), device=q_lens.device)
+    first_pos = context_lens - q_lens  # query 0 comes right after the tokens already cached
+    last_key = first_pos[:, None] + pos_q[None, :]  # [B, max_q]
+    return torch.arange(max_k, device=q_lens.device) <= last_key[:, :, None]
 
 
 def paged_attention_torch(
@@ -115,8 +128,7 @@ def paged_attention_torch(
     pos_q = torch.arange(int(q_lens.max()), device=q.device)
     valid_q = pos_q[None, :] < q_lens[:, None]  # [B, max_q]
     qp = q[torch.where(valid_q, cu_seqlens_q[:-1, None] + pos_q, 0)]  # [B, max_q, heads, hd]
-    last_key = (context_lens - q_lens)[:, None] + pos_q[None, :]  # [B, max_q]
-    mask = torch.arange(k.shape[1], device=q.device) <= last_key[:, :, None]  # [B, max_q, max_k]
+    mask = causal_mask(q_lens, context_lens, k.shape[1])  # [B, max_q, max_k]
     # grouped-query attention: the `group` query heads of KV head g become extra query rows of g
     max_q, kv_heads, group = qp.shape[1], k.shape[2], q.shape[1] // k.shape[2]
     qg = (
@@ -165,38 +177,6 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _paged_decode_kernel(
-    Q, K, V, block_tables, context_lens, O_part, LSE_part, scale,
-    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
-    HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    seq, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(context_lens + seq)
-    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), NUM_SPLITS) * BLOCK_N  # whole tiles per split
-    start = split * per_split
-    end = tl.minimum(start + per_split, ctx)
-    offs_g, offs_d = tl.arange(0, GROUP_PAD), tl.arange(0, D_PAD)
-    heads = kvh * GROUP + offs_g  # the query heads that share KV head kvh
-    g_mask = offs_g < GROUP
-    gd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(
-        Q + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0
-    )
-    q_pos = tl.zeros([GROUP_PAD], tl.int32) + ctx - 1  # the new token is the last of its sequence
-    acc, l_i, m_i = _attend_tiles(
-        q, q_pos, K, V, block_tables + seq * stride_bt, kvh, start, end, scale,
-        stride_kb, stride_kt, stride_kh, GROUP_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, PRECISION,
-    )  # fmt: skip
-    has = l_i > 0  # an empty split (short context) contributes nothing
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    part = (seq * HEADS + heads) * NUM_SPLITS + split
-    tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=gd_mask)
-    tl.store(LSE_part + part, tl.where(has, m_i + tl.log(l_i), float("-inf")), mask=g_mask)
-
-
 def dot_precision(x: torch.Tensor) -> str:
     # float32 inputs would otherwise go through TF32 tensor cores (~1e-3 error): keep float32 exact.
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -233,6 +213,38 @@ def decode_partials(
         D_PAD=max(16, triton.next_power_of_2(hd)), BLOCK_SIZE=bs, BLOCK_N=block_n,
         NUM_SPLITS=splits, PRECISION=dot_precision(q), num_warps=4, num_stages=2,
     )  # fmt: skip
+
+
+@triton.jit
+def _paged_decode_kernel(
+    Q, K, V, block_tables, context_lens, O_part, LSE_part, scale,
+    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(context_lens + seq)
+    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), NUM_SPLITS) * BLOCK_N  # whole tiles per split
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+    offs_g, offs_d = tl.arange(0, GROUP_PAD), tl.arange(0, D_PAD)
+    heads = kvh * GROUP + offs_g  # the query heads that share KV head kvh
+    g_mask = offs_g < GROUP
+    gd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(
+        Q + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0
+    )
+    q_pos = tl.zeros([GROUP_PAD], tl.int32) + ctx - 1  # the new token is the last of its sequence
+    acc, l_i, m_i = _attend_tiles(
+        q, q_pos, K, V, block_tables + seq * stride_bt, kvh, start, end, scale,
+        stride_kb, stride_kt, stride_kh, GROUP_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    has = l_i > 0  # an empty split (short context) contributes nothing
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    part = (seq * HEADS + heads) * NUM_SPLITS + split
+    tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=gd_mask)
+    tl.store(LSE_part + part, tl.where(has, m_i + tl.log(l_i), float("-inf")), mask=g_mask)
 
 
 @triton.jit
@@ -288,6 +300,31 @@ def paged_decode_triton(
     return out
 
 
+def paged_prefill_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole cached context."""
+    heads, hd = q.shape[1:]
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    block_m, block_n = 64, min(64, bs)
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(max_seqlen_q, block_m), context_lens.numel(), heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale,
+        *q.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3], block_tables.stride(0),
+        GROUP=heads // kvh, HEAD_DIM=hd, D_PAD=max(16, triton.next_power_of_2(hd)), BLOCK_SIZE=bs,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
 @triton.jit
 def _paged_prefill_kernel(
     Q, K, V, O, cu_seqlens_q, context_lens, block_tables, scale,
@@ -316,31 +353,6 @@ def _paged_prefill_kernel(
     out = acc / l_i[:, None]
     tl.store(O + q_rows * stride_on + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=md_mask)  # fmt: skip
-
-
-def paged_prefill_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-    scale: float,
-) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole cached context."""
-    heads, hd = q.shape[1:]
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    block_m, block_n = 64, min(64, bs)
-    out = torch.empty_like(q)
-    grid = (triton.cdiv(max_seqlen_q, block_m), context_lens.numel(), heads)
-    _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale,
-        *q.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3], block_tables.stride(0),
-        GROUP=heads // kvh, HEAD_DIM=hd, D_PAD=max(16, triton.next_power_of_2(hd)), BLOCK_SIZE=bs,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=4, num_stages=2,
-    )  # fmt: skip
-    return out
 
 
 def flash_prefill(q, k_cache, v_cache, ctx, scale: float) -> torch.Tensor:
@@ -478,12 +490,12 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         if (k is None) != (v is None):
             raise ValueError("Attention.forward: pass both k and v, or neither (already stored)")
+        if k is None and not self.has_cache(ctx):
+            raise ValueError("Attention.forward: k and v are needed before the KV cache exists")
         if k is not None:
             k = k.view(-1, self.num_kv_heads, self.head_dim)
             v = v.view(-1, self.num_kv_heads, self.head_dim)
         if not self.has_cache(ctx):  # no cache yet: the warm-up forward
-            if k is None:
-                raise ValueError("Attention.forward: k and v are needed before the KV cache exists")
             o = self.impl.no_cache(q, k, v, ctx, self.scale)
         else:
             if k is not None:

@@ -1,8 +1,16 @@
 """All attention backends and the KV store kernel against a float64 reference (fresh random inputs)."""
+import os
 import random
+import sys
 
 import pytest
 import torch
+
+# Workaround: tools/check.py runs `python -m pytest` in the checkout, and `-m` puts the checkout ahead
+# of PYTHONPATH, where check.py puts the code under test (a notebook's export, a seeded mistake).
+# Let PYTHONPATH come first, as check.py means it to, unless the package is already imported.
+if "cleanvllm" not in sys.modules:
+    sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 from cleanvllm import attention
 from cleanvllm.attention import (Attention, paged_attention_torch, paged_decode_triton, paged_prefill_triton,
@@ -25,6 +33,13 @@ def triton_ok(device):
 SHAPES = [  # (heads, kv_heads, head_dim, block_size)
     (4, 4, 64, 16), (4, 2, 64, 16), (8, 1, 64, 16), (8, 4, 128, 16), (16, 2, 128, 256),
 ]
+INTERPRETED = not torch.cuda.is_available()  # Triton's kernels run in its (slow) CPU interpreter
+
+
+def interpreter_skips(shape, splits=1):
+    """Under the interpreter (`make check CH=05` must stay under a minute) the Triton kernels skip the
+    largest shape, and the default split count (up to 32 splits) runs on one GQA shape only."""
+    return INTERPRETED and (shape == SHAPES[-1] or (splits is None and shape != SHAPES[2]))
 
 
 def make_case(q_lens, prefix_lens, heads, kv_heads, hd, bs, dtype, device, seed):
@@ -57,6 +72,7 @@ def dtypes(device):
     return [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
 
 
+@pytest.mark.tasks("5.3", "5.4", "5.5", "5.6", "5.11", "5.12")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prefill_backends(device, shape):
@@ -70,12 +86,13 @@ def test_prefill_backends(device, shape):
         ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, hd ** -0.5)
         out = paged_attention_torch(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], hd ** -0.5)
         assert rel_err(out, ref) < tol(dtype)
-        if not triton_ok(device):
+        if not triton_ok(device) or interpreter_skips(shape):
             continue
         out = paged_prefill_triton(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], max(q_lens), hd ** -0.5)
         assert rel_err(out, ref) < tol(dtype)
 
 
+@pytest.mark.tasks("5.3", "5.4", "5.5", "5.6", "5.7", "5.8", "5.9", "5.10")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("splits", [None, 1, 4])
@@ -89,12 +106,13 @@ def test_decode_backends(device, shape, splits):
         ref = reference_paged_attention(q, kc, vc, cu, ctx, tables, hd ** -0.5)
         out = paged_attention_torch(d["q"], d["kc"], d["vc"], d["cu"], d["ctx"], d["bt"], hd ** -0.5)
         assert rel_err(out, ref) < tol(dtype)
-        if not triton_ok(device):
+        if not triton_ok(device) or interpreter_skips(shape, splits):
             continue
         out = paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], hd ** -0.5, num_splits=splits)
         assert rel_err(out, ref) < tol(dtype)
 
 
+@pytest.mark.tasks("5.3", "5.4", "5.5")
 def test_torch_backend_without_cache_is_causal_attention():
     """The warm-up path (no cache) equals plain causal attention per sequence."""
     g = torch.Generator().manual_seed(0)
@@ -109,6 +127,7 @@ def test_torch_backend_without_cache_is_causal_attention():
         assert rel_err(out[s:e], ref) < 1e-6
 
 
+@pytest.mark.tasks("5.3", "5.5", "5.6", "5.11", "5.12")
 def test_nan_in_unused_cache_rows_never_leaks():
     """Stale NaNs beyond a sequence's context must not reach its output (all backends)."""
     q, kc, vc, cu, ctx, tables, d = make_case([3, 1], [5, 7], 4, 2, 64, 16, torch.float32, "cpu", 3)
@@ -123,6 +142,7 @@ def test_nan_in_unused_cache_rows_never_leaks():
         assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.tasks("5.1", "5.2")
 @pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "cpu"])
 def test_store_kvcache_matches_reference(device):
     g = torch.Generator().manual_seed(1)
@@ -146,6 +166,7 @@ def test_store_kvcache_matches_reference(device):
         assert torch.equal(kc.nan_to_num(0), kc2.cpu().nan_to_num(0))
 
 
+@pytest.mark.tasks("5.6", "5.8", "5.9", "5.10")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_n,splits", [(16, 1), (16, 8), (32, 4), (64, 2)])
 def test_decode_tile_size_and_splits_keep_the_result(device, block_n, splits):
@@ -162,6 +183,7 @@ def test_decode_tile_size_and_splits_keep_the_result(device, block_n, splits):
         paged_decode_triton(d["q"], d["kc"], d["vc"], d["ctx"], d["bt"], 0.2, num_splits=3)
 
 
+@pytest.mark.tasks("5.6", "5.9", "5.12")
 def test_online_softmax_is_written_once():
     """Issue 12 item 7: the prefill and decode kernels share one @triton.jit online-softmax loop."""
     import inspect
@@ -173,6 +195,7 @@ def test_online_softmax_is_written_once():
     assert inspect.getsource(attention._attend_tiles.fn).count("tl.exp(") == 2
 
 
+@pytest.mark.tasks("5.5", "5.11", "5.12", "5.13")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_cache_path_is_causal_attention_on_every_backend(backend):
     """Before the KV cache exists (the warm-up forward) each backend runs its own kernels."""
@@ -191,6 +214,7 @@ def test_no_cache_path_is_causal_attention_on_every_backend(backend):
         assert rel_err(out[s:e], torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv)) < 1e-5
 
 
+@pytest.mark.tasks("5.14", "5.15", "5.16")
 def test_backend_is_resolved_once_at_construction(monkeypatch):
     """'auto' -> torch on the CPU; unknown names fail at construction; forward never re-chooses."""
     assert Attention(4, 32, 0.2, 2, "auto").backend == "torch"
@@ -213,6 +237,7 @@ def test_backend_is_resolved_once_at_construction(monkeypatch):
         reset_context()
 
 
+@pytest.mark.tasks("5.1", "5.2", "5.15", "5.16")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_attention_layer_prefill_then_decode_matches_reference(backend):
     """The layer stores through slot_mapping and attends through block tables, step after step."""
