@@ -135,6 +135,9 @@ def add_to(cls: type) -> Callable:
     return attach
 
 
+_STUB = re.compile(r"Task \d+\.\d+ \([^)]*\) is not written yet")
+
+
 class CheckFailed(AssertionError):
     """A task's check found a wrong value: the message names the task, the input and both values."""
 
@@ -216,6 +219,9 @@ def check(task: str | None = None, title: str | None = None):
             raise CheckFailed(f"{label}: {e}") from None
         except Exception as e:
             _failed.add(task)
+            stub = _STUB.search(str(e))
+            if stub:  # a stub inside a Triton kernel: the interpreter wraps its message
+                raise NotImplementedError(stub.group(0)) from None
             raise CheckFailed(f"{label}: your code raised {type(e).__name__}: {e}") from e
         _failed.discard(task)
         _passed.add(task)

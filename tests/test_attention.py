@@ -1,16 +1,9 @@
 """All attention backends and the KV store kernel against a float64 reference (fresh random inputs)."""
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-# Workaround: tools/check.py runs `python -m pytest` in the checkout, and `-m` puts the checkout ahead
-# of PYTHONPATH, where check.py puts the code under test (a notebook's export, a seeded mistake).
-# Let PYTHONPATH come first, as check.py means it to, unless the package is already imported.
-if "cleanvllm" not in sys.modules:
-    sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 from cleanvllm import attention
 from cleanvllm.attention import (Attention, paged_attention_torch, paged_decode_triton, paged_prefill_triton,
