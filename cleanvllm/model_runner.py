@@ -164,6 +164,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def _build_model(self) -> Qwen3ForCausalLM:
+        """The model of this rank, built on the device in the configured dtype, its weights loaded."""
         c = self.config
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(c.torch_dtype)
@@ -270,6 +271,8 @@ class ModelRunner:
             ids[:n] = prev.tokens[self.buf["prev_rows"][:n]]
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
+        """Point the attention layers' Context at the device buffers: `rows` sequences (padding
+        included), block tables `width` blocks wide (default: max_blocks_per_seq)."""
         b, cu_k = self.buf, None
         if self.config.attention_backend == "flash":  # flash-attn's varlen API wants these too
             cu_k = torch.tensor([0, *batch.context_lens], device=self.device).cumsum(0).to(torch.int32)
@@ -295,22 +298,13 @@ class ModelRunner:
             reset_context()
         return hidden[self.buf["cu_seqlens_q"][1 : rows + 1] - 1] if batch.is_prefill else hidden
 
-    @torch.inference_mode()
-    def _warmup(self) -> int:
-        """Run the largest step (prefill, then sampling) through the configured attention backend on a
-        scratch KV cache; return its activation memory in bytes (measured on a GPU, 0 elsewhere)."""
+    def _largest_step(self) -> StepBatch:
+        """The largest prefill the engine can run, on blocks 0, 1, 2, ... of a scratch cache."""
         c, bs = self.config, self.block_size
         seq_len = min(c.max_model_len, c.max_num_batched_tokens)
         num = max(1, min(c.max_num_batched_tokens // seq_len, c.max_num_seqs))
         per_seq = -(-seq_len // bs)
-        self._set_kv_cache(num * per_seq)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device) if cuda else 0
-        top_p = [SamplingParams(top_p=0.9)]  # top-p sorts every row: the sampler's hungriest path
-        batch = StepBatch(
+        return StepBatch(
             True,
             [0] * (num * seq_len),
             list(range(seq_len)) * num,
@@ -318,13 +312,25 @@ class ModelRunner:
             [i * seq_len for i in range(num + 1)],
             [seq_len] * num,
             [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num)],
-            top_p * num,
+            [SamplingParams(top_p=0.9)] * num,
             [0] * num,
         )
+
+    @torch.inference_mode()
+    def _warmup(self) -> int:
+        """Run the largest step (prefill, then sampling) through the configured attention backend on a
+        scratch KV cache; return its activation memory in bytes (measured on a GPU, 0 elsewhere)."""
+        c, batch = self.config, self._largest_step()
+        self._set_kv_cache(sum(len(t) for t in batch.block_tables))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
         hidden = self._run_eager(batch)
         logits = self.model.compute_logits(hidden[:1].expand(c.max_num_seqs, -1).contiguous())
         if logits is not None:  # rank 0 samples
-            sample(logits, top_p * c.max_num_seqs, [0] * c.max_num_seqs)
+            sample(logits, [SamplingParams(top_p=0.9)] * c.max_num_seqs, [0] * c.max_num_seqs)
         del hidden, logits
         workspace = 0
         if cuda:
@@ -335,24 +341,28 @@ class ModelRunner:
             torch.cuda.empty_cache()
         return workspace
 
-    def _allocate_kv_cache(self, workspace: int) -> int:
-        """Decide the number of KV blocks (self.memory_budget says how) and allocate the cache."""
+    def _count_kv_blocks(self, workspace: int) -> tuple[int, str]:
+        """The number of KV blocks this rank can hold, and how it was found (in words)."""
         c, per_block = self.config, self.block_bytes()
         if c.num_kvcache_blocks > 0:
-            num, found = c.num_kvcache_blocks, f"num_kvcache_blocks={c.num_kvcache_blocks}"
-        elif self.device.type == "cuda":
+            return c.num_kvcache_blocks, f"num_kvcache_blocks={c.num_kvcache_blocks}"
+        if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = max(0, int(total * c.gpu_memory_utilization) - (total - free) - workspace)
-            num = budget // per_block
             found = (
                 f"{budget / 2**30:.2f} GiB = {total / 2**30:.1f} GiB x gpu_memory_utilization "
                 f"{c.gpu_memory_utilization} - {(total - free) / 2**30:.2f} GiB in use - "
                 f"{workspace / 2**30:.2f} GiB of activations"
             )
         else:
-            num, found = c.cpu_kvcache_bytes // per_block, f"cpu_kvcache_bytes={c.cpu_kvcache_bytes:,}"
-        if c.num_kvcache_blocks <= 0:  # more than max_num_seqs full sequences can use is waste
-            num = min(num, c.max_num_seqs * self.max_blocks_per_seq)
+            budget, found = c.cpu_kvcache_bytes, f"cpu_kvcache_bytes={c.cpu_kvcache_bytes:,}"
+        # more than max_num_seqs full sequences can use is waste
+        return min(budget // per_block, c.max_num_seqs * self.max_blocks_per_seq), found
+
+    def _allocate_kv_cache(self, workspace: int) -> int:
+        """Decide the number of KV blocks (self.memory_budget says how) and allocate the cache."""
+        c, per_block = self.config, self.block_bytes()
+        num, found = self._count_kv_blocks(workspace)
         if self.tp.size > 1:  # every rank must hold the same blocks: take the smallest count
             t = torch.tensor([num], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
@@ -434,7 +444,6 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         """One decode graph per size of a ladder; all read the same buffers and share one pool."""
         c, top = self.config, min(self.config.max_num_seqs, 512)
-        self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         hf, dtype = c.hf_config, c.torch_dtype
         self.graph_out = torch.zeros(top, hf.hidden_size, dtype=dtype, device=self.device)
         self.graph_samples = self.tp.size == 1
@@ -442,6 +451,7 @@ class ModelRunner:
             self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
             self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
         dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0])
+        self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
         for rows in reversed(self.graph_sizes):  # largest first: the others fit in its pool
             self._stage(dummy, rows)
@@ -453,7 +463,8 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[rows] = graph
             reset_context()
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 @dataclass

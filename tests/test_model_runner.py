@@ -3,12 +3,21 @@ the tensor-parallel group lifecycle and the worker protocol. CPU, tiny model."""
 
 import json
 import multiprocessing as mp
+import os
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+
+# `make check CH=07` (tools/check.py) runs `python -m pytest` from the repository root, and Python
+# puts that root first on sys.path, ahead of PYTHONPATH: the tests would import the repository's
+# package instead of the one under check (a learner's notebook export, a seeded mistake). Put the
+# PYTHONPATH entries first, in their order, before anything imports cleanvllm.
+_env = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+sys.path[:] = _env + [p for p in sys.path if os.path.abspath(p or ".") not in _env]
 
 from cleanvllm.config import Config
 from cleanvllm.context import get_context
@@ -66,6 +75,7 @@ def decode(runner, prompts, params, steps, chunk=None):
     return seqs
 
 
+@pytest.mark.tasks("7.10", "7.17", "7.18", "7.19")
 def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf_model):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 10000, (n,), generator=g).tolist() for n in (5, 37)]
@@ -77,6 +87,7 @@ def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf
             assert len(got) >= 10 and got == hf_greedy(hf_model, p, len(got)), f"chunk={chunk}"
 
 
+@pytest.mark.tasks("7.10", "7.5")
 def test_seeded_tokens_ignore_chunking_and_neighbours_and_no_generator_is_attached(runner):
     g = torch.Generator().manual_seed(1)
     p, other = (torch.randint(0, 10000, (n,), generator=g).tolist() for n in (40, 9))
@@ -87,6 +98,7 @@ def test_seeded_tokens_ignore_chunking_and_neighbours_and_no_generator_is_attach
     assert not any(hasattr(s, "generator") for s in alone + chunked), "no generator on Sequence"
 
 
+@pytest.mark.tasks("7.6", "7.7")
 def test_min_tokens_through_the_runner(runner, hf_model):
     p = torch.randint(0, 10000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.inference_mode():
@@ -95,6 +107,7 @@ def test_min_tokens_through_the_runner(runner, hf_model):
     assert decode(runner, [p], [sp], 1)[0].completion_token_ids == [top2[1]]
 
 
+@pytest.mark.tasks("7.15", "7.22")
 def test_kv_sizing_on_the_cpu_follows_the_budget_and_the_cap(tiny_model):
     raw = json.loads((Path(tiny_model) / "config.json").read_text())
     block = 2 * raw["num_hidden_layers"] * BS * raw["num_key_value_heads"] * raw["head_dim"] * 4  # float32
@@ -109,6 +122,7 @@ def test_kv_sizing_on_the_cpu_follows_the_budget_and_the_cap(tiny_model):
         ModelRunner(config(tiny_model, num_kvcache_blocks=7))
 
 
+@pytest.mark.tasks("7.20", "7.21")
 def test_warmup_runs_the_configured_backend_on_a_paged_cache(tiny_model):
     """Issue 12 item 7: the warm-up used to run a cache-less PyTorch path whatever the backend."""
     runner = ModelRunner(config(tiny_model))  # its own: the warm-up replaces the KV cache
@@ -129,12 +143,14 @@ def test_warmup_runs_the_configured_backend_on_a_paged_cache(tiny_model):
     runner.release()
 
 
+@pytest.mark.tasks("7.11")
 def test_tp_runner_refuses_when_torch_distributed_is_initialized(tiny_model, external_group):
     with pytest.raises(RuntimeError, match="One tensor-parallel engine per process"):
         ModelRunner(config(tiny_model, tensor_parallel_size=2), 0, free_port())
     assert dist.is_initialized(), "the refusal must leave the other group alone"
 
 
+@pytest.mark.tasks("7.12")
 def test_release_leaves_a_group_it_did_not_create(tiny_model, external_group):
     r = ModelRunner(config(tiny_model))
     r.release()
@@ -156,12 +172,14 @@ def _protocol(cfg) -> list:
     return got
 
 
+@pytest.mark.tasks("7.25")
 def test_run_worker_protocol(tiny_model):
     assert _protocol(config(tiny_model)) == [("ready", None)]
     (kind, text), = _protocol(config(tiny_model, num_kvcache_blocks=2))
     assert kind == "error" and "ValueError" in text and "max_model_len" in text
 
 
+@pytest.mark.tasks("7.11", "7.25")
 def test_tensor_parallel_worker_matches_one_rank(tiny_model, hf_model):
     """TP=2 on gloo: rank 1 in a spawned process running run_worker, rank 0 here. Same greedy tokens
     as transformers; rank 0's release destroys the group it created, and only that."""
@@ -199,6 +217,7 @@ def test_tensor_parallel_worker_matches_one_rank(tiny_model, hf_model):
             dist.destroy_process_group()
 
 
+@pytest.mark.tasks("7.10")
 def test_step_batch_carries_what_the_sampler_needs():
     s = Sequence([1, 2, 3], SamplingParams(min_tokens=2, seed=5), block_size=BS)
     s.block_table, s.num_cached_tokens, s.num_scheduled_tokens = [4], 0, 3
@@ -212,6 +231,7 @@ def test_step_batch_carries_what_the_sampler_needs():
     assert b.num_generated == [2] and b.positions == [4] and b.input_ids == [8] and b.slot_mapping == [68]
 
 
+@pytest.mark.tasks("7.9", "7.10")
 def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
     """prepare_batch's decode lists against the general (prefill) path and the slot formula by
     hand, for positions on both sides of block boundaries and scattered block tables."""

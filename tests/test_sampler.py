@@ -2,9 +2,19 @@
 request semantics it carries through the engine: seeded reproducibility (issue 13 item 4),
 min_tokens (item 5), tiny temperatures (item 6)."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
+
+# `make check CH=07` (tools/check.py) runs `python -m pytest` from the repository root, and Python
+# puts that root first on sys.path, ahead of PYTHONPATH: the tests would import the repository's
+# package instead of the one under check (a learner's notebook export, a seeded mistake). Put the
+# PYTHONPATH entries first, in their order, before anything imports cleanvllm.
+_env = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+sys.path[:] = _env + [p for p in sys.path if os.path.abspath(p or ".") not in _env]
 
 from cleanvllm.sampler import mask_stop_tokens, sample, sample_temperature
 from cleanvllm.sampling_params import SamplingParams
@@ -45,6 +55,7 @@ def within(freq: np.ndarray, ref: np.ndarray, n: int) -> bool:
     return bool(np.all(np.abs(freq - ref) <= 5 * np.sqrt(ref * (1 - ref) / n) + 1e-12) and np.all(freq[ref == 0] == 0))
 
 
+@pytest.mark.tasks("7.3", "7.4", "7.7")
 @pytest.mark.parametrize("sp", CASES, ids=str)
 def test_distribution_matches_reference(sp):
     g = torch.Generator().manual_seed(0)
@@ -57,6 +68,7 @@ def test_distribution_matches_reference(sp):
     assert within(freq, ref, n), (freq, ref)
 
 
+@pytest.mark.tasks("7.1", "7.2")
 def test_sample_temperature_matches_reference():
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
     n = 40_000
@@ -65,6 +77,7 @@ def test_sample_temperature_matches_reference():
     assert within(freq, reference_probs(logits.numpy(), SamplingParams(temperature=0.7)), n)
 
 
+@pytest.mark.tasks("7.7")
 def test_greedy_rows_are_exact_argmax_in_a_mixed_batch():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 50, generator=g)
@@ -74,6 +87,7 @@ def test_greedy_rows_are_exact_argmax_in_a_mixed_batch():
 
 
 # ---- issue 13 item 6: tiny temperatures are greedy, no overflow --------------------------------
+@pytest.mark.tasks("7.2", "7.7")
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6, 0.0])
 def test_tiny_temperatures_are_greedy(temperature):
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(4)) * 10
@@ -85,6 +99,7 @@ def test_tiny_temperatures_are_greedy(temperature):
     assert sample_temperature(logits, torch.full((4,), temperature)).tolist() == want
 
 
+@pytest.mark.tasks("7.7")
 def test_small_temperature_above_epsilon_still_samples_finite():
     logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(5)) * 10
     out = sample(logits, [SamplingParams(temperature=2e-5)] * 2, [0, 0])
@@ -92,6 +107,7 @@ def test_small_temperature_above_epsilon_still_samples_finite():
 
 
 # ---- issue 13 item 5: min_tokens masks EOS and stop_token_ids ----------------------------------
+@pytest.mark.tasks("7.6")
 def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     logits = torch.zeros(1, 10)
     logits[0, 3], logits[0, 7], logits[0, 5] = 9.0, 8.0, 7.0  # EOS 3 best, stop token 7 second
@@ -109,6 +125,7 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     assert counts[3] == counts[7] == 0 and (counts[[0, 1, 2, 4, 5, 6, 8, 9]] > 0).all()
 
 
+@pytest.mark.tasks("7.6")
 def test_mask_ignores_stop_ids_outside_the_vocabulary():
     sp = SamplingParams(min_tokens=1, stop_token_ids=[2, 10_000])
     out = mask_stop_tokens(torch.zeros(1, 4), [sp], [0], eos_ids=[3])
@@ -116,6 +133,7 @@ def test_mask_ignores_stop_ids_outside_the_vocabulary():
 
 
 # ---- issue 13 item 4: seeded requests depend only on seed and token index -----------------------
+@pytest.mark.tasks("7.5", "7.7")
 def test_seeded_rows_depend_only_on_seed_and_token_index():
     target = torch.randn(1000, generator=torch.Generator().manual_seed(2))
     sp = SamplingParams(temperature=1.0, seed=7)
@@ -146,6 +164,7 @@ def _prompts(lengths, seed):
     return [torch.randint(0, 10000, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.tasks("7.5", "7.7")
 def test_seeded_request_is_reproducible_through_the_engine(tiny_model, llm_kw):
     """Same prompt, params and model: same tokens whatever the chunking, the neighbours, the prefix
     cache or preemption do (issue 13 item 4). The old per-request generator, drawn at every step,
@@ -173,6 +192,7 @@ def test_seeded_request_is_reproducible_through_the_engine(tiny_model, llm_kw):
     assert preempted == base, "preemption changed the seeded tokens"
 
 
+@pytest.mark.tasks("7.6", "7.7")
 def test_min_tokens_keeps_stop_tokens_out_through_the_engine(tiny_model, hf_model, llm_kw):
     """The greedy first token, made a stop token with min_tokens=3, must not appear in the first 3
     tokens; the first token is then the model's second choice (transformers, float32)."""
