@@ -3,8 +3,6 @@ the tensor-parallel group lifecycle and the worker protocol. CPU, tiny model."""
 
 import json
 import multiprocessing as mp
-import os
-import sys
 import threading
 from pathlib import Path
 
@@ -12,12 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-# `make check CH=07` (tools/check.py) runs `python -m pytest` from the repository root, and Python
-# puts that root first on sys.path, ahead of PYTHONPATH: the tests would import the repository's
-# package instead of the one under check (a learner's notebook export, a seeded mistake). Put the
-# PYTHONPATH entries first, in their order, before anything imports cleanvllm.
-_env = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-sys.path[:] = _env + [p for p in sys.path if os.path.abspath(p or ".") not in _env]
 
 from cleanvllm.config import Config
 from cleanvllm.context import get_context

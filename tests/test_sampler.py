@@ -2,19 +2,11 @@
 request semantics it carries through the engine: seeded reproducibility (issue 13 item 4),
 min_tokens (item 5), tiny temperatures (item 6)."""
 
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-# `make check CH=07` (tools/check.py) runs `python -m pytest` from the repository root, and Python
-# puts that root first on sys.path, ahead of PYTHONPATH: the tests would import the repository's
-# package instead of the one under check (a learner's notebook export, a seeded mistake). Put the
-# PYTHONPATH entries first, in their order, before anything imports cleanvllm.
-_env = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-sys.path[:] = _env + [p for p in sys.path if os.path.abspath(p or ".") not in _env]
 
 from cleanvllm.sampler import mask_stop_tokens, sample, sample_temperature
 from cleanvllm.sampling_params import SamplingParams
