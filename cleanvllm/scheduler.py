@@ -124,10 +124,18 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _stuck(self) -> RuntimeError:
+        """The error for a step where sequences wait but nothing at all can run."""
+        return RuntimeError(
+            f"nothing can be scheduled: {len(self.waiting)} waiting sequence(s) do not fit in the "
+            f"free KV cache ({self.block_manager.num_free_blocks} of "
+            f"{len(self.block_manager.blocks)} blocks free)"
+        )
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Return (sequences to run, is_prefill); each has num_scheduled_tokens set.
 
-        ([], False) when nothing is waiting or running.
+        ([], False) when nothing is waiting or running; raises `_stuck()` when nothing can run.
         """
         if self.is_finished():
             return [], False
@@ -136,11 +144,7 @@ class Scheduler:
             return scheduled, True
         scheduled = self._schedule_decode()
         if not scheduled:
-            raise RuntimeError(
-                f"nothing can be scheduled: {len(self.waiting)} waiting sequence(s) do not fit in the "
-                f"free KV cache ({self.block_manager.num_free_blocks} of "
-                f"{len(self.block_manager.blocks)} blocks free)"
-            )
+            raise self._stuck()
         return scheduled, False
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
