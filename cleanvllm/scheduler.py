@@ -53,17 +53,29 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        """This step's prefill work: continue chunked prompts, then admit waiting ones."""
-        scheduled, budget = [], self.max_num_batched_tokens
-        for seq in self.running:  # 1. prompts part-way through a chunked prefill
+    def _continue_chunks(self, budget: int) -> list[Sequence]:
+        """Give the next chunk to each running prompt that is part-way through its prefill.
+
+        Sets num_scheduled_tokens of each sequence it returns; takes at most `budget` tokens in all.
+        """
+        scheduled = []
+        for seq in self.running:
             remaining = len(seq.token_ids) - seq.num_cached_tokens
             if remaining > 1 and budget > 0:
                 seq.num_scheduled_tokens = min(remaining, budget)
                 budget -= seq.num_scheduled_tokens
                 scheduled.append(seq)
+        return scheduled
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Admit waiting prompts, oldest first, while seats, `budget` tokens and free blocks allow.
+
+        Each gets its blocks (maybe a cached prefix) and a first chunk of at most what is left of the
+        budget, and moves from the front of `waiting` to the end of `running`.
+        """
+        scheduled = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]  # 2. admit waiting prompts, oldest first
+            seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
@@ -74,9 +86,15 @@ class Scheduler:
             scheduled.append(seq)
         return scheduled
 
+    def _schedule_prefill(self) -> list[Sequence]:
+        """This step's prefill work: continue chunked prompts, then admit waiting ones."""
+        scheduled = self._continue_chunks(self.max_num_batched_tokens)
+        left = self.max_num_batched_tokens - sum(s.num_scheduled_tokens for s in scheduled)
+        return scheduled + self._admit(left)
+
     def preempt(self, seq: Sequence) -> None:
         """Take a running sequence's blocks back; it waits at the front, to be prefilled again."""
-        self.block_manager.deallocate(seq)  # first: no sequence leaves `running` holding blocks
+        self.block_manager.deallocate(seq)  # first: a preempted sequence never waits holding blocks
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_scheduled_tokens = 0
@@ -106,10 +124,18 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _stuck(self) -> RuntimeError:
+        """The error for a step where sequences wait but nothing at all can run."""
+        return RuntimeError(
+            f"nothing can be scheduled: {len(self.waiting)} waiting sequence(s) do not fit in the "
+            f"free KV cache ({self.block_manager.num_free_blocks} of "
+            f"{len(self.block_manager.blocks)} blocks free)"
+        )
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Return (sequences to run, is_prefill); each has num_scheduled_tokens set.
 
-        ([], False) when nothing is waiting or running.
+        ([], False) when nothing is waiting or running; raises `_stuck()` when nothing can run.
         """
         if self.is_finished():
             return [], False
@@ -118,12 +144,26 @@ class Scheduler:
             return scheduled, True
         scheduled = self._schedule_decode()
         if not scheduled:
-            raise RuntimeError(
-                f"nothing can be scheduled: {len(self.waiting)} waiting sequence(s) do not fit in the "
-                f"free KV cache ({self.block_manager.num_free_blocks} of "
-                f"{len(self.block_manager.blocks)} blocks free)"
-            )
+            raise self._stuck()
         return scheduled, False
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why the sequence ends after its newest token `token`: "length", "stop", or None."""
+        sp, n = seq.sampling_params, len(seq.token_ids) - seq.num_prompt_tokens
+        if n >= sp.max_tokens:
+            return "length"
+        if n > sp.min_tokens and (  # the first min_tokens tokens never stop a sequence
+            (not sp.ignore_eos and token in self.eos_token_ids) or token in sp.stop_token_ids
+        ):
+            return "stop"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running sequence now (also used by the engine for stop strings)."""
+        self.block_manager.deallocate(seq)  # first: a finished sequence never holds blocks
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Record one step's results; return the sequences that finished in it."""
@@ -141,23 +181,6 @@ class Scheduler:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        sp, n = seq.sampling_params, len(seq.token_ids) - seq.num_prompt_tokens
-        if n >= sp.max_tokens:
-            return "length"
-        if n > sp.min_tokens and (  # the first min_tokens tokens never stop a sequence
-            (not sp.ignore_eos and token in self.eos_token_ids) or token in sp.stop_token_ids
-        ):
-            return "stop"
-        return None
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a running sequence now (also used by the engine for stop strings)."""
-        self.block_manager.deallocate(seq)  # first: no sequence leaves `running` holding blocks
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        self.running.remove(seq)
 
     def abort(self, seq: Sequence) -> None:
         """End a sequence now, wherever it is. Safe to call twice, or on a finished sequence."""
