@@ -12,10 +12,12 @@ import bisect
 import datetime
 import gc
 import json
+import os
 import platform
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -514,6 +516,29 @@ def step_stats(per_step: list[list[dict]], top: int = 12, max_name: int = 160) -
     )
 
 
+@contextmanager
+def profiler_log_filtered(chatter=("USDT:", "STAGE:")):
+    """Within the block, file descriptor 2 goes to a temporary file; afterwards its lines go back
+    to stderr, less the profiler's own start/stop lines (kineto prints them at every log level)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            kept = [
+                x
+                for x in log.read().decode(errors="replace").splitlines()
+                if not x.startswith(chatter)
+            ]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
 def profile_decode(
     llm, batch: int, prompt_len: int = 256, steps: int = 8, timeline: bool = False
 ) -> dict:
@@ -541,7 +566,7 @@ def profile_decode(
             wall.append(time.perf_counter() - t)
         sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profiler_log_filtered(), profile(activities=acts) as prof:
         for _ in range(steps + 1):
             with record_function(STEP_MARK):
                 llm.step()

@@ -95,14 +95,8 @@ def llama_config(reader) -> dict:
     }
 
 
-def convert_smollm2(out: str | os.PathLike) -> Path:
-    """Dequantize SmolLM2-135M-Instruct's GGUF into a Hugging Face checkpoint at `out`."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    src, out = gguf_path(), Path(out)
-    reader = gguf.GGUFReader(str(src))
-    config = llama_config(reader)
+def hf_tensors(reader, config: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF reader as {Hugging Face name: bf16 tensor}, q/k rows un-permuted."""
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     tensors = {}
     for t in reader.tensors:
@@ -111,6 +105,18 @@ def convert_smollm2(out: str | os.PathLike) -> Path:
         if proj in heads and name.endswith(".weight"):
             w = unpermute_rotary(w, heads[proj])
         tensors[name] = w.to(torch.bfloat16)
+    return tensors
+
+
+def convert_smollm2(out: str | os.PathLike) -> Path:
+    """Dequantize SmolLM2-135M-Instruct's GGUF into a Hugging Face checkpoint at `out`."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    src, out = gguf_path(), Path(out)
+    reader = gguf.GGUFReader(str(src))
+    config = llama_config(reader)
+    tensors = hf_tensors(reader, config)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

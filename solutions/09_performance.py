@@ -12,7 +12,7 @@ def crossover_batch(shape: dict, context_len: int) -> int:
 
 # %% exercise 9.2
 def throughput_at(cap: int) -> float:
-    with LLM(str(tiny_model_dir()), max_num_seqs=cap, **tiny_kw) as llm:
+    with LLM(model_path, max_num_seqs=cap, **tiny_kw) as llm:
         return time_generate(llm, decode_prompts, decode_params)["tokens_per_s"]
 
 
@@ -22,7 +22,7 @@ def sweep_by_block_size() -> dict:
     for block_size in (16, 128):
         blocks = 8 * -(-44 // block_size)  # 8 sequences of 32 + 12 tokens, rounded up to blocks
         kw = dict(kvcache_block_size=block_size, num_kvcache_blocks=blocks, max_model_len=44)
-        with LLM(str(tiny_model_dir()), max_num_seqs=8, **kw) as llm:
+        with LLM(model_path, max_num_seqs=8, **kw) as llm:
             w, kvt = engine_bytes(llm)
             rows = decode_sweep(llm, [1, 8], 32, 12, cpu_bw, w, kvt)
         got[block_size] = [r["tokens_per_s"] for r in rows]

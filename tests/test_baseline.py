@@ -13,6 +13,7 @@ from cleanvllm.baseline import NaiveGenerator
 CHAPTERS = ("01",)  # `make check CH=01` runs this file (tools/check.py)
 
 
+@pytest.mark.tasks('1.1', '1.3', '1.4', '1.5')
 def test_baseline_counts_by_hand(hf_model):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     outs, st = NaiveGenerator(hf_model).generate(prompts, [2, 5, 1])
@@ -21,9 +22,11 @@ def test_baseline_counts_by_hand(hf_model):
     assert st.decode_slots == 3 * 4 and st.decode_useful == (2 - 1) + (5 - 1) + 0
     assert st.reserved_kv_tokens == 3 * (5 + 5) and st.used_kv_tokens == 9 + 8
     assert st.active_per_step == [3, 2, 1, 1, 1]
+    assert st.wasted_slots == (15 - 9) + (12 - 5)  # padding, then finished rows still stepped
 
 
 # issue 13 item 14: the current cache API, no deprecated `past_key_values`, same tokens as HF
+@pytest.mark.tasks('1.2', '1.5')
 def test_naive_generator_matches_transformers_generate_without_deprecations(hf_model):
     prompts = [[5, 900, 77, 1234, 6], [42], [3000, 17, 17, 9, 250, 8000, 11, 2], [151643, 1]]
     max_tokens = [7, 12, 3, 9]
@@ -35,6 +38,7 @@ def test_naive_generator_matches_transformers_generate_without_deprecations(hf_m
         assert o == hf_greedy(hf_model, p, m), f"prompt {p}"
 
 
+@pytest.mark.tasks('1.5')
 def test_every_forward_gets_one_transformers_cache(hf_model, monkeypatch):
     from transformers import Cache
 
@@ -52,6 +56,7 @@ def test_every_forward_gets_one_transformers_cache(hf_model, monkeypatch):
     assert all(c is seen[0] for c in seen), "one cache object, grown in place"
 
 
+@pytest.mark.tasks('1.5', '1.4')
 def test_eos_stops_a_row_when_not_ignored(hf_model):
     prompt = [1, 2, 3]
     free = hf_greedy(hf_model, prompt, 6)

