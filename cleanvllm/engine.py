@@ -187,10 +187,12 @@ class LLMEngine:
         try:
             yield
         finally:
-            if outer is None and not self.closed:
-                self._take_inbox()  # what other threads queued while we ran
-            with self._lock:
-                self._owner = outer
+            try:
+                if outer is None and not self.closed:
+                    self._take_inbox()  # what other threads queued while we ran
+            finally:
+                with self._lock:
+                    self._owner = outer
 
     def _command(self, kind: str, arg) -> None:
         """An add or abort: applied now, or queued while another thread runs the engine."""
