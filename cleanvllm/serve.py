@@ -301,7 +301,7 @@ class ServerState:
     model_name: str
     max_model_len: int
     close_engine: bool = False  # close the LLMEngine when the server stops
-    max_body_bytes: int = 16 * 2**20  # a longer body gets a 413 before it is parsed
+    max_body_bytes: int = 4 * 2**20  # a longer body gets a 413 before it is parsed
     allowed_hosts: tuple[str, ...] | None = None  # Host header names let in; None: any
     draining: bool = False  # shutting down: new requests get a 503
     # one worker thread tokenizes and renders chat templates, off the event loop
@@ -675,7 +675,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/Ctrl-C")  # fmt: skip
-    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger bodies: 413")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies: 413")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection gets to send a request's headers")  # fmt: skip
     p.add_argument("--allowed-hosts", default="127.0.0.1,localhost,::1",

