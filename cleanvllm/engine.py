@@ -5,12 +5,14 @@ LLMEngine runs requests step by step (add_request, step, abort_request); LLM add
 chat(). With tensor_parallel_size=N, ranks 1..N-1 run in worker processes.
 """
 
+import functools
 import json
 import multiprocessing as mp
 import operator
 import signal
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -68,6 +70,9 @@ class _Request:
     prefix_offset: int = 0  # completion tokens [prefix_offset, read_offset) made the last text
     read_offset: int = 0
     stop_at: int | None = None  # where the stop string starts in text, once found
+    stops: "StopMatcher | None" = None  # the automaton of its stop strings (step 7)
+    stop_state: int = 0  # the automaton's state after text[:scanned]
+    scanned: int = 0
 
 
 class LLMEngine:
@@ -79,6 +84,7 @@ class LLMEngine:
         if unknown:
             raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {sorted(allowed)}")
         self.closed, self.workers, self.conns, self._ranks_busy = True, [], [], False
+        self._lock, self._owner, self._inbox = threading.Lock(), None, []  # threads (step 4)
         self.config = config = Config(model, **kwargs)
         if config.tensor_parallel_size > 1 and dist.is_initialized():
             raise RuntimeError(
@@ -102,7 +108,7 @@ class LLMEngine:
         self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
         self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None
-        self.pending = None  # a decode step launched, not yet collected (step 5b)
+        self.pending, self._generating = None, set()  # step 5b; ids a generate() call waits for
 
     def _eos_ids(self) -> list[int]:
         """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
@@ -129,7 +135,7 @@ class LLMEngine:
                 )
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt), prompt
+            return self.tokenizer.encode(check_text(prompt, f"prompt {index}")), prompt
         if isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -160,15 +166,64 @@ class LLMEngine:
                 f"that is {len(token_ids) + sp.max_tokens} > max_model_len={c.max_model_len}"
             )
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine is closed: every call is refused; create a new engine")
+
+    @contextmanager
+    def owned(self):
+        """Run the block as the one thread that runs this engine (re-entrant); another thread that
+        tries meanwhile gets a RuntimeError naming this one."""
+        me = threading.current_thread()
+        with self._lock:
+            self._check_open()
+            if self._owner not in (None, me):
+                raise RuntimeError(
+                    f"thread {me.name!r} may not run this engine while thread {self._owner.name!r} "
+                    "does: step(), generate(), chat() and close() run on one thread at a time; other "
+                    "threads may call add_request() and abort_request()"
+                )
+            outer, self._owner = self._owner, me
+        try:
+            yield
+        finally:
+            try:
+                if outer is None and not self.closed:
+                    self._take_inbox()  # what other threads queued while we ran
+            finally:
+                with self._lock:
+                    self._owner = outer
+
+    def _command(self, kind: str, arg) -> None:
+        """An add or abort: applied now, or queued while another thread runs the engine."""
+        with self._lock:
+            self._check_open()
+            if self._owner not in (None, threading.current_thread()):
+                self._inbox.append((kind, arg))  # applied at that thread's next step boundary
+            else:
+                self._enqueue(arg) if kind == "add" else self._abort(arg)
+
+    def _take_inbox(self) -> None:
+        """Apply the adds and aborts that other threads queued (by the running thread, between steps)."""
+        with self._lock:
+            commands, self._inbox = self._inbox, []
+        for kind, arg in commands:
+            self._enqueue(arg) if kind == "add" else self._abort(arg)
+
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
         """Validate one request and queue it; return its id. It runs in the next step()s."""
+        self._check_open()
         sp = SamplingParams() if sampling_params is None else sampling_params
         token_ids, text = self.parse_prompt(prompt)
         self.check_request(token_ids, sp)
-        return self._enqueue(self._new_request(token_ids, sp, text))
+        req = self._new_request(token_ids, sp, text)
+        self._command("add", req)
+        return req.seq.seq_id
 
     def _new_request(self, token_ids: list[int], sp: SamplingParams, prompt: str | None) -> _Request:
-        return _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), prompt)
+        req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), prompt)
+        req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None  # step 7
+        return req
 
     def _enqueue(self, req: _Request) -> int:
         self.requests[req.seq.seq_id] = req  # first: an interrupt after this line loses nothing
@@ -177,23 +232,39 @@ class LLMEngine:
 
     def abort_request(self, request_id: int) -> None:
         """Stop a request and free its blocks. An unknown or finished id is a no-op (as in vLLM)."""
+        self._command("abort", request_id)
+
+    def _abort(self, request_id: int) -> None:
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
         self.requests.pop(request_id, None)
         self.unreported.pop(request_id, None)
+        if req is not None and request_id in self._generating:  # a generate() call waits for it
+            s = req.seq
+            out = (
+                s.prompt_token_ids,
+                req.text,
+                s.completion_token_ids,
+                True,
+                "abort",
+                s.num_preemptions,
+            )
+            self.unreported[request_id] = RequestOutput(request_id, req.prompt, *out)
 
     def has_unfinished_requests(self) -> bool:
-        """True while some request has not been reported finished by step()."""
-        return bool(self.requests or self.unreported)
+        """True while some request has not been reported finished by step() (queued ones included)."""
+        self._check_open()
+        return bool(self.requests or self.unreported or self._inbox)
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return an output for every request that got a token (finished ones too)."""
-        return self._step(quiet=frozenset())
+        with self.owned():  # one thread at a time (step 4)
+            return self._step(quiet=frozenset())
 
     def _step(self, quiet: frozenset | dict) -> list[RequestOutput]:
-        if self.closed:
-            raise RuntimeError("this engine is closed")
+        self._check_open()
+        self._take_inbox()  # adds and aborts from other threads, applied between steps (step 4)
         outputs, self.unreported = self.unreported, {}
         if self.pending and not any(s.status == SequenceStatus.RUNNING for s in self.pending[0]):
             self.runner.collect(self.pending[1])  # every sequence of it ended meanwhile: wait, drop it
@@ -279,13 +350,12 @@ class LLMEngine:
         seq, sp = req.seq, req.seq.sampling_params
         if quiet and not sp.stop and not seq.is_finished:
             return None  # the common case in generate(): nothing to decode until the end
-        old = len(req.text)
         self._detokenize(req)
-        if sp.stop and req.stop_at is None and seq.num_completion_tokens >= sp.min_tokens:
-            start = max(0, old - max(map(len, sp.stop)) + 1)
-            hits = [i for i in (req.text.find(s, start) for s in sp.stop) if i != -1]
-            if hits:
-                req.stop_at = min(hits)
+        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
+            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
+            req.scanned = len(req.text)
+            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
+                req.stop_at = hit
                 if seq.is_finished:  # EOS or the last allowed token completed the stop string
                     seq.finish_reason = "stop"
                 else:
@@ -297,7 +367,8 @@ class LLMEngine:
         elif quiet:
             return None
         else:
-            text = req.text[: len(req.text) - _held_back(req.text, sp.stop)]
+            held = req.stops.hold[req.stop_state] if sp.stop else 0
+            text = req.text[: len(req.text) - held]
         return RequestOutput(
             seq.seq_id,
             req.prompt,
@@ -352,11 +423,16 @@ class LLMEngine:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order. Every request is checked first."""
-        reqs = self._new_requests(prompts, sampling_params)  # checks all before any is added
+        with self.owned():  # one thread at a time (step 4)
+            reqs = self._new_requests(prompts, sampling_params)  # checks all before any is added
+            return self._generate(reqs, use_tqdm)
+
+    def _generate(self, reqs: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
         mine = {req.seq.seq_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         rates, left = {True: 0.0, False: 0.0}, len(reqs)
+        self._generating.update(mine)  # an abort from another thread ends them with "abort"
         try:
             for req in reqs:
                 self._enqueue(req)
@@ -373,17 +449,20 @@ class LLMEngine:
                 rates[s.is_prefill] = s.num_tokens / max(time.perf_counter() - t, 1e-9)
                 bar.set_postfix(prefill=f"{rates[True]:.0f} tok/s", decode=f"{rates[False]:.0f} tok/s")
         except BaseException:
+            self._generating.difference_update(mine)
             with _sigint_deferred():  # a second Ctrl-C must not cut the clean-up in half
-                for req in reqs:  # leave the engine clean and usable (KeyboardInterrupt included)
+                for req in reqs if not self.closed else []:  # leave the engine clean and usable
                     self.abort_request(req.seq.seq_id)
             raise
         finally:
+            self._generating.difference_update(mine)
             bar.close()
         return results
 
     def _start_workers(self) -> int:
         """Spawn ranks 1..N-1, check that each runs; return the rendezvous port."""
         port, ctx = free_port(), mp.get_context("spawn")
+        self._stalled = {}  # rank -> why the watchdog killed it
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
         try:
@@ -401,6 +480,8 @@ class LLMEngine:
                 signal.signal(signal.SIGINT, previous)
         for rank in range(1, self.config.tensor_parallel_size):
             self._expect(rank, "alive", timeout=120)
+        watchdog = threading.Thread(target=_watch_workers, args=(weakref.ref(self),), daemon=True)
+        watchdog.start()
         return port
 
     def _expect(self, rank: int, want: str, timeout: float) -> None:
@@ -448,6 +529,7 @@ class LLMEngine:
                 kind, cause = None, None
             if kind != "error" and not proc.is_alive():
                 kind, cause = "error", f"the process exited with code {proc.exitcode}"
+                cause = self._stalled.get(rank, cause)
             if kind == "error":
                 self.close()
                 raise RuntimeError(
@@ -458,7 +540,8 @@ class LLMEngine:
         """Stop the workers and free the model and KV cache; safe to call twice."""
         if getattr(self, "closed", True):
             return
-        self.closed, self.pending = True, None
+        with self.owned():  # never under a step of another thread (step 4)
+            self.closed, self.pending = True, None
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -488,6 +571,21 @@ class LLMEngine:
             pass
 
 
+def check_text(text: str, what: str) -> str:
+    """text itself if it is valid Unicode; else a ValueError naming `what` and the position. JSON
+    and Python allow a lone surrogate such as "\ud800" (half of a UTF-16 pair); no tokenizer can
+    encode one."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{what} is not valid Unicode text: character {e.start} is a lone surrogate "
+                f"{text[e.start]!r}"
+            ) from None
+    return text
+
+
 def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
     """The decode batch of the token after each sequence's newest one, built before that newest
     token is known: its input ids are placeholders (the runner takes them on the device)."""
@@ -496,15 +594,55 @@ def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
     return decode_batch(seqs, pos, [0] * len(seqs), generated, block_size)
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of text's longest ending that is the beginning of a stop string."""
-    best = 0  # each stop string once, longest beginning first: linear in the number of stops
-    for s in stops:
-        k = next(
-            (k for k in range(min(len(s) - 1, len(text)), best, -1) if text.endswith(s[:k])), 0
-        )
-        best = max(best, k)
-    return best
+class StopMatcher:
+    """Aho-Corasick automaton of a set of stop strings. Its state after some text is the longest
+    ending of the text that begins a stop string; a character moves it in amortized O(1)."""
+
+    def __init__(self, stops: list[str]):
+        self.next: list[dict[str, int]] = [{}]  # the trie: state -> {character: next state}
+        depth, ends = [0], [0]  # each state's length; the length of a stop string ending there
+        for s in stops:
+            state = 0
+            for ch in s:
+                if ch not in self.next[state]:
+                    self.next[state][ch] = len(self.next)
+                    self.next.append({})
+                    depth.append(depth[state] + 1)
+                    ends.append(0)
+                state = self.next[state][ch]
+            ends[state] = len(s)
+        self.fail = [0] * len(self.next)  # the longest proper ending that is a state
+        self.found = ends  # the longest stop string that ends the state's text (0: none)
+        self.hold = [0] * len(self.next)  # the longest ending shorter than the stop it begins
+        queue = [0]
+        for state in queue:  # breadth first: fail links point to shorter states, done before
+            for ch, nxt in self.next[state].items():
+                f = self.fail[state]
+                while f and ch not in self.next[f]:
+                    f = self.fail[f]
+                self.fail[nxt] = self.next[f].get(ch, 0) if state else 0
+                self.found[nxt] = max(self.found[nxt], self.found[self.fail[nxt]])
+                self.hold[nxt] = depth[nxt] if self.next[nxt] else self.hold[self.fail[nxt]]
+                queue.append(nxt)
+
+    def feed(self, state: int, text: str, start: int) -> tuple[int, int | None]:
+        """Move through text[start:]; the new state, and where the earliest stop string that ends
+        in text[start:] begins (None if none does)."""
+        hit = None
+        for i in range(start, len(text)):
+            ch = text[i]
+            while state and ch not in self.next[state]:
+                state = self.fail[state]
+            state = self.next[state].get(ch, 0)
+            if self.found[state] and (hit is None or i + 1 - self.found[state] < hit):
+                hit = i + 1 - self.found[state]
+        return state, hit
+
+
+@functools.lru_cache(maxsize=32)
+def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """The automaton of a stop set, shared by every request with that set (it keeps no state)."""
+    return StopMatcher(list(stops))
 
 
 @contextmanager
@@ -562,3 +700,31 @@ class _SaysAlive:
     def __reduce__(self):  # rebuild: itemgetter(0)((conn,)) -> conn, then send(conn, "alive")
         alive = ("alive", None)
         return (operator.itemgetter(0), ((self.conn,),), alive, None, None, type(self.conn).send)
+
+
+STALL_S = 3.0  # seconds a worker may stay stopped during a step before rank 0 gives up on it
+
+
+def _process_state(pid: int) -> str | None:
+    """A process's one-letter state from /proc (Linux; "T": stopped), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_workers(ref: weakref.ref) -> None:
+    """Rank 0's watchdog: a worker stopped for STALL_S seconds during a step is killed, so that
+    rank 0's collective fails now rather than after gloo's 120 s. Ends when the engine closes."""
+    since = {}
+    while (engine := ref()) is not None and not engine.closed:
+        for rank, proc in enumerate(engine.workers, start=1):
+            if not (engine._ranks_busy and _process_state(proc.pid) in ("T", "t")):
+                since.pop(rank, None)
+            elif time.monotonic() - since.setdefault(rank, time.monotonic()) > STALL_S:
+                why = f"it was stopped (SIGSTOP?) for {STALL_S:.0f} s during a step and was killed"
+                engine._stalled[rank] = why
+                proc.kill()
+        del engine  # hold it only weakly while asleep
+        time.sleep(0.2)

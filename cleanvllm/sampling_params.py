@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy (logits / 1e-38 overflow), as in vLLM
 SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): non-negative, fit a signed 64-bit integer
+MAX_STOP_STRINGS = 128  # per request; OpenAI allows 4, vLLM sets no limit
+MAX_STOP_CHARS = 8192  # characters of all of a request's stop strings together
+MAX_STOP_TOKEN_IDS = 1024  # distinct ids in stop_token_ids
 
 
 def is_int(x) -> bool:
@@ -50,7 +53,8 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, allowed):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {allowed}")
+            value = f"{getattr(self, name)!r:.200}"  # a 20 MB value must not make a 20 MB message
+            raise ValueError(f"SamplingParams.{name}={value} is invalid: {allowed}")
 
         if not is_number(self.temperature) or self.temperature < 0:
             bad("temperature", f"must be a finite number >= 0 (below {GREEDY_EPSILON} is greedy)")
@@ -70,10 +74,14 @@ class SamplingParams:
             bad("ignore_eos", "must be True or False")
         if (stop := as_stop_strings(self.stop)) is None:
             bad("stop", "must be a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS or sum(map(len, stop)) > MAX_STOP_CHARS:
+            bad("stop", f"at most {MAX_STOP_STRINGS} strings, {MAX_STOP_CHARS} characters in all")
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
             bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
-        self.stop, self.stop_token_ids = stop, list(ids)
+        if len(set(ids)) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} distinct token ids")
+        self.stop, self.stop_token_ids = stop, list(dict.fromkeys(ids))  # no duplicates
 
     @property
     def greedy(self) -> bool:

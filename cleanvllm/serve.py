@@ -8,6 +8,7 @@
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import queue
@@ -18,8 +19,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import h11
 import httpx
 import numpy as np
 import torch
@@ -27,12 +30,17 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from cleanvllm.engine import LLMEngine, RequestOutput
+from cleanvllm.engine import LLMEngine, RequestOutput, check_text
 from cleanvllm.sampling_params import SamplingParams
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: a request refused or cut short for that reason (HTTP 503)."""
 
 
 @dataclass
@@ -89,27 +97,34 @@ class AsyncEngine:
 
     def _run(self) -> None:
         """The engine thread: take commands, run a step when there is work, deliver the outputs."""
-        while not self._stop.is_set():
-            self._take_commands(block=not self.engine.has_unfinished_requests())
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # fail the requests in the engine, keep serving new ones
-                self._fail_all(e)
-                continue
-            self.step_log.append((time.perf_counter(), self.engine.last_step.num_seqs))
-            for out in outputs:
-                h = self.live.get(out.request_id)
-                if h is not None:
-                    if out.finished:
-                        del self.live[out.request_id]
-                    self._deliver(h, out)
-        self._fail_all(RuntimeError("the server is shutting down"))
+        with self.engine.owned():  # the engine's one running thread (chapter 8's thread rules)
+            while not self._stop.is_set():
+                self._take_commands(block=not self.engine.has_unfinished_requests())
+                if not self.engine.has_unfinished_requests():
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # fail the requests in the engine, keep serving new ones
+                    self._fail_all(e)
+                    continue
+                self.step_log.append((time.perf_counter(), self.engine.last_step.num_seqs))
+                for out in outputs:
+                    h = self.live.get(out.request_id)
+                    if h is not None:
+                        if out.finished:
+                            del self.live[out.request_id]
+                        self._deliver(h, out)
+            stopping = ShuttingDown("the server is shutting down")
+            self._fail_all(stopping)
+            while not self.inbox.empty():  # adds that came too late are refused, not left waiting
+                kind, h, *_ = self.inbox.get_nowait()
+                if kind == "add":
+                    self._deliver(h, stopping)
 
     def _fail_all(self, error: Exception) -> None:
         for rid, h in self.live.items():
-            self.engine.abort_request(rid)
+            if not self.engine.closed:  # a closed engine (a dead worker) has nothing left to abort
+                self.engine.abort_request(rid)
             self._deliver(h, error)
         self.live.clear()
 
@@ -120,7 +135,7 @@ class AsyncEngine:
         return self
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread (open requests get an error); the LLMEngine itself stays open."""
+        """Stop the engine thread (open requests get ShuttingDown); the LLMEngine itself stays open."""
         self._stop.set()
         self.inbox.put(("wake", None))
         if self._thread is not None:
@@ -129,6 +144,8 @@ class AsyncEngine:
 
     async def add(self, prompt: str | list[int], params: SamplingParams) -> Handle:
         """Submit a request; return its handle once the engine accepted it (else its ValueError)."""
+        if self._stop.is_set():
+            raise ShuttingDown("the server is shutting down")
         h = Handle(asyncio.get_running_loop())
         self.inbox.put(("add", h, prompt, params))
         try:
@@ -161,35 +178,38 @@ class AsyncEngine:
         return out
 
 
+Number = StrictFloat | StrictInt  # JSON true is not 1 here: booleans are refused, not coerced
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by both endpoints: OpenAI's, plus vLLM's extra sampling fields."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: StrictInt | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with token counts
     logprobs: bool | int | None = None  # refused: chat says true, completions a count
     echo: bool = False  # refused
-    top_k: int | None = None  # vLLM's extra fields from here on
-    min_p: float | None = None
-    min_tokens: int | None = None
+    top_k: StrictInt | None = None  # vLLM's extra fields from here on
+    min_p: Number | None = None
+    min_tokens: StrictInt | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
 
 
 class ChatRequest(SamplingRequest):
     messages: list[dict]
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false} for Qwen3
 
 
@@ -246,6 +266,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, e: APIError):
         return error_response(e.status, e.message, e.kind)
 
+    @app.exception_handler(ShuttingDown)  # stopping: try again elsewhere (or later)
+    async def shutting_down(request: Request, e: ShuttingDown):
+        return error_response(503, str(e), "service_unavailable")
+
     @app.exception_handler(ValueError)  # SamplingParams and the engine refuse with ValueError
     async def value_error(request: Request, e: ValueError):
         return error_response(400, str(e))
@@ -277,14 +301,34 @@ class ServerState:
     model_name: str
     max_model_len: int
     close_engine: bool = False  # close the LLMEngine when the server stops
+    max_body_bytes: int = 4 * 2**20  # a longer body gets a 413 before it is parsed
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names let in; None: any
+    draining: bool = False  # shutting down: new requests get a 503
+    # one worker thread tokenizes and renders chat templates, off the event loop
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+
+    def __post_init__(self):  # no token covers more characters than its vocabulary entry
+        longest = max(map(len, self.tokenizer.get_vocab()))
+        self.max_prompt_chars = self.max_model_len * longest  # more characters cannot fit
 
     def check_model(self, name: str) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
         if name != self.model_name:
             raise APIError(
                 404,
                 f"model {name!r} does not exist; this server serves {self.model_name!r}",
                 "not_found_error",
             )
+
+    def check_chars(self, n: int, what: str) -> None:
+        if n > self.max_prompt_chars:
+            raise APIError(400, f"{what} has {n} characters; more than {self.max_prompt_chars} "
+                           f"cannot fit max_model_len={self.max_model_len} tokens")  # fmt: skip
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) in the worker thread: the event loop serves other connections meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -300,7 +344,41 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(Gate, state=state)
     return app
+
+
+class Gate:
+    """ASGI middleware in front of every route: the Host header and the body size are checked
+    before FastAPI reads or parses anything."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s, headers = self.state, dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        name = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+        if s.allowed_hosts is not None and name not in s.allowed_hosts:
+            why = f"Host {host!r} is not this server's; start it with --allowed-hosts to allow it"
+            return await error_response(400, why)(scope, receive, send)
+        size = headers.get(b"content-length", b"0")
+        if not size.isdigit() or int(size) > s.max_body_bytes:
+            why = f"the body has {size.decode()[:20]} bytes; the limit is {s.max_body_bytes}"
+            return await error_response(413, why)(scope, receive, send)
+        seen = 0
+
+        async def counted():  # a body sent without Content-Length is counted as it arrives
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > s.max_body_bytes:
+                raise APIError(413, f"the body is over the limit of {s.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 @router.get("/health")
@@ -359,7 +437,9 @@ async def event_stream(s: ServerState, h: Handle, body, prompt_tokens: int, chun
                 if delta or out.finished:
                     yield sse(chunk(delta, out.finish_reason))
     except Exception as e:  # the engine failed or is shutting down: say so in the stream
-        yield sse({"error": {"message": str(e), "type": "internal_server_error", "code": 500}})
+        kind, code = ("service_unavailable", 503) if isinstance(e, ShuttingDown) else (
+            "internal_server_error", 500)  # fmt: skip
+        yield sse({"error": {"message": str(e), "type": kind, "code": code}})
     else:
         if (body.stream_options or {}).get("include_usage"):
             yield sse({**chunk("", None), "choices": [], "usage": usage(prompt_tokens, out)})
@@ -410,7 +490,11 @@ async def completions(body: CompletionRequest, request: Request):
         if len(prompt) != 1:
             raise APIError(400, f"got {len(prompt)} prompts: send one prompt per request")
         prompt = prompt[0]
-    ids = s.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):  # bounded first, then tokenized off the event loop
+        s.check_chars(len(prompt), "the prompt")
+        ids = await s.off_loop(s.tokenizer.encode, check_text(prompt, "the prompt"))
+    else:
+        ids = list(prompt)
     params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=16)
     h = await s.engine.add(ids, params)
     chunk = completion_chunk(f"cmpl-{h.request_id}", s.model_name, int(time.time()))
@@ -418,6 +502,24 @@ async def completions(body: CompletionRequest, request: Request):
         return EventStream(event_stream(s, h, body, len(ids), chunk))
     out = await final_output(s, h, request)
     return {**chunk(out.text, out.finish_reason), "usage": usage(len(ids), out)}
+
+
+def chat_messages(s: ServerState, body: ChatRequest) -> list:
+    """The messages, content given as a list of parts joined into its text parts; a 400 for text
+    that is not a string, and for a conversation too long to fit before it is rendered."""
+    messages, chars = [], 0
+    for i, m in enumerate(body.messages):
+        if isinstance(m.get("content"), list):
+            parts = [p.get("text", "") for p in m["content"] if isinstance(p, dict)]
+            if not all(isinstance(t, str) for t in parts):
+                raise APIError(400, f"messages.{i}.content: a part's text must be a string")
+            m = {**m, "content": "".join(parts)}
+        chars += len(m["content"]) if isinstance(m.get("content"), str) else 0
+        messages.append(m)
+    if len(messages) > s.max_model_len:  # every message takes at least one token
+        raise APIError(400, f"{len(messages)} messages cannot fit {s.max_model_len} tokens")
+    s.check_chars(chars, "the conversation")
+    return messages
 
 
 def chat_chunk(request_id: str, model: str, created: int):
@@ -434,21 +536,16 @@ def chat_chunk(request_id: str, model: str, created: int):
 async def chat_completions(body: ChatRequest, request: Request):
     s: ServerState = request.app.state.server
     s.check_model(body.model)
-    messages = [  # content given as a list of parts: keep the text parts
-        {**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
-        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
-        for m in body.messages
-    ]  # fmt: skip
+    messages = chat_messages(s, body)
     if "chat_template" in (body.chat_template_kwargs or {}):
         raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
+    render = functools.partial(s.tokenizer.apply_chat_template, messages, tokenize=False,
+                               add_generation_prompt=True, **(body.chat_template_kwargs or {}))  # fmt: skip
     try:
-        prompt = s.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True,
-            **(body.chat_template_kwargs or {}),
-        )  # fmt: skip
+        prompt = await s.off_loop(render)
     except Exception as e:
         raise APIError(400, f"the chat template cannot render these messages: {e}") from e
-    ids = s.tokenizer.encode(prompt)
+    ids = await s.off_loop(s.tokenizer.encode, check_text(prompt, "the conversation"))
     params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=None)
     h = await s.engine.add(ids, params)
     chunk = chat_chunk(f"chatcmpl-{h.request_id}", s.model_name, int(time.time()))
@@ -477,11 +574,18 @@ def serve(args: argparse.Namespace) -> None:
         settings["kvcache_block_size"] = 16  # as `make demo` on a CPU
     engine = LLMEngine(model, **{k: v for k, v in settings.items() if v is not None})
     name = args.served_model_name or model
+    hosts = None if args.allowed_hosts == "*" else tuple(args.allowed_hosts.split(","))
     state = ServerState(AsyncEngine(engine), AutoTokenizer.from_pretrained(model), name,
-                        engine.config.max_model_len, close_engine=True)  # fmt: skip
+                        engine.config.max_model_len, close_engine=True,
+                        max_body_bytes=args.max_body_bytes, allowed_hosts=hosts)  # fmt: skip
     print(f"serving {model} as {name!r} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACE_S)  # fmt: skip
+    HeadTimeout.seconds = args.header_timeout
+    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, http=HeadTimeout,
+                            log_level=args.log_level, timeout_graceful_shutdown=GRACE_S)  # fmt: skip
+    try:
+        DrainingServer(config, state, args.shutdown_timeout).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has stopped cleanly
+        pass
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -499,6 +603,64 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"{url} was not ready after {timeout} s")
 
 
+class HeadTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline: a connection that has not sent a whole request
+    head (request line and headers) `seconds` after it opened, or after its last response, is
+    closed. A client that sends half a request and waits would otherwise hold it forever."""
+
+    seconds = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE and getattr(self, "_head", None):
+            self._head.cancel()  # the head has arrived
+
+    def _arm(self) -> None:
+        if getattr(self, "_head", None):
+            self._head.cancel()
+        self._head = self.loop.call_later(self.seconds, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain. On SIGTERM or Ctrl-C new requests get a 503; running ones
+    get shutdown_timeout seconds to finish; then the rest end with a 503 (a stream with an error
+    event and [DONE]) and uvicorn stops. A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state, self.shutdown_timeout = state, shutdown_timeout
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.state.draining or not hasattr(self, "loop"):
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        getattr(self, "_captured_signals", []).append(sig)  # uvicorn raises it again at the end
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.state.engine.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.state.engine.shutdown)  # what is left gets ShuttingDown
+        self.should_exit = True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cleanvllm.serve", description=__doc__)
     p.add_argument("model", nargs="?", help="checkpoint directory (default: as `make demo`)")
@@ -511,6 +673,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish on SIGTERM/Ctrl-C")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies: 413")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection gets to send a request's headers")  # fmt: skip
+    p.add_argument("--allowed-hosts", default="127.0.0.1,localhost,::1",
+                   help="Host header names accepted, comma-separated; '*' accepts any")  # fmt: skip
     b = p.add_argument_group("serving benchmark (--bench)")
     b.add_argument("--bench", action="store_true", help="measure a server instead of serving")
     b.add_argument("--bench-url", help="server to measure (default: start one for MODEL)")

@@ -249,3 +249,29 @@ def test_context_round_trip():
     assert get_context().is_prefill and get_context().max_seqlen_q == 7
     reset_context()
     assert not get_context().is_prefill and get_context().slot_mapping is None
+
+
+def test_each_thread_has_its_own_context():
+    """Issue 21 item 3: two engines stepping in two threads must never read each other's batch."""
+    import threading
+
+    barrier, seen = threading.Barrier(2), {}
+
+    def worker(n):
+        set_context(is_prefill=bool(n), max_seqlen_q=n)
+        barrier.wait()  # both have set theirs before either reads
+        seen[n] = (get_context().is_prefill, get_context().max_seqlen_q)
+        reset_context()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (0, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {0: (False, 0), 5: (True, 5)}, seen
+    set_context(max_seqlen_q=3)
+    other = threading.Thread(target=lambda: seen.update(other=get_context().max_seqlen_q))
+    other.start()
+    other.join(10)
+    assert seen["other"] == 0 and get_context().max_seqlen_q == 3, seen
+    reset_context()

@@ -198,26 +198,41 @@ def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
     assert all(final.text.startswith(o.text) for o in outs)  # nothing shown is taken back
 
 
-def test_held_back_is_right_and_linear_in_the_number_of_stop_strings():
-    """The engine thread runs _held_back on every token of a request with stop strings; a request
-    carrying a few hundred of them must not cost seconds per step for every other request."""
+def test_stop_matcher_is_right_and_its_cost_per_character_ignores_the_stop_set():
+    """The engine thread runs the stop-string automaton on every new character of a request with
+    stop strings; its cost must not grow with the number or length of the stop strings (issue 21)."""
     import random
     import time
 
-    from cleanvllm.engine import _held_back
+    from cleanvllm.engine import StopMatcher
 
     rng = random.Random(0)
-    for _ in range(300):  # against the definition: longest ending that begins some stop string
+    for _ in range(300):  # against the definitions, text fed in pieces as tokens arrive
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(3)]
-        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
-        want = max((k for s in stops for k in range(1, len(s)) if k <= len(text)
-                    and text.endswith(s[:k])), default=0)
-        assert _held_back(text, stops) == want, (text, stops)
-    stops = ["".join(rng.choice("qwxzjk") for _ in range(40)) + str(i) for i in range(600)]
-    text = "hello world " * 50 + stops[7][:20]
-    t0 = time.perf_counter()
-    assert _held_back(text, stops) == 20
-    assert time.perf_counter() - t0 < 0.2, "quadratic in the number of stop strings"
+        m, text, state, start = StopMatcher(stops), "", 0, 0
+        for _ in range(4):
+            text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 3)))
+            held = max((k for s in stops for k in range(1, len(s)) if k <= len(text)
+                        and text.endswith(s[:k])), default=0)
+            hits = [i for s in stops for i in range(len(text)) if text.startswith(s, i)
+                    and i + len(s) > start]
+            state, hit = m.feed(state, text, start)
+            assert (m.hold[state], hit) == (held, min(hits, default=None)), (text, stops, start)
+            start = len(text)
+    text = "".join(rng.choice("abcdefgh ") for _ in range(20_000))
+
+    def cost(n, length):  # seconds per character, best of 3
+        m = StopMatcher(["".join(rng.choice("abcdefgh ") for _ in range(length)) for _ in range(n)])
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            m.feed(0, text, 0)
+            runs.append(time.perf_counter() - t0)
+        return min(runs)
+
+    small, big = cost(1, 8), cost(128, 64)
+    # a cost linear in the stop set would be ~1000x (8,192 characters against 8)
+    assert big < 3 * small, f"128 stops of 64 chars cost {big / small:.1f}x one stop string"
 
 
 def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, hf_model):
