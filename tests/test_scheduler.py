@@ -4,18 +4,10 @@ The first tests each exercise one task of chapter 4 on a small case worked out b
 failure names that task; the later ones run whole workloads and check the invariants of every step.
 """
 
-import os
 import random
-import sys
 
 import pytest
 
-if "CLEANVLLM_CHECK_REPORT" in os.environ and "cleanvllm" not in sys.modules:
-    # tools/check.py runs `python -m pytest` in the repository root, and `-m` puts the root (with its
-    # package) ahead of PYTHONPATH, where the code under check lies (the notebook's export, or a
-    # seeded mistake). Until check.py runs pytest with -P, put PYTHONPATH's entries first.
-    _first = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = _first + [p for p in sys.path if p not in _first]
 
 from cleanvllm.block_manager import BlockManager  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
