@@ -560,6 +560,17 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 
 GRACE_S = 5  # seconds open connections get when the server is asked to stop
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(bound: str, given: str | None) -> tuple[str, ...] | None:
+    """The Host names to let in: those given ('*': any), else the bound address (with its
+    loopback names); a server bound to every interface (0.0.0.0) cannot know its names: any."""
+    if given is not None:
+        return None if given == "*" else tuple(given.split(","))
+    if bound in ("0.0.0.0", "::", ""):
+        return None
+    return LOOPBACK if bound in LOOPBACK else (bound,)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -574,7 +585,7 @@ def serve(args: argparse.Namespace) -> None:
         settings["kvcache_block_size"] = 16  # as `make demo` on a CPU
     engine = LLMEngine(model, **{k: v for k, v in settings.items() if v is not None})
     name = args.served_model_name or model
-    hosts = None if args.allowed_hosts == "*" else tuple(args.allowed_hosts.split(","))
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
     state = ServerState(AsyncEngine(engine), AutoTokenizer.from_pretrained(model), name,
                         engine.config.max_model_len, close_engine=True,
                         max_body_bytes=args.max_body_bytes, allowed_hosts=hosts)  # fmt: skip
@@ -678,8 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies: 413")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection gets to send a request's headers")  # fmt: skip
-    p.add_argument("--allowed-hosts", default="127.0.0.1,localhost,::1",
-                   help="Host header names accepted, comma-separated; '*' accepts any")  # fmt: skip
+    p.add_argument("--allowed-hosts", help="Host header names accepted, comma-separated; '*': any "
+                   "(default: the --host address; any for 0.0.0.0)")  # fmt: skip
     b = p.add_argument_group("serving benchmark (--bench)")
     b.add_argument("--bench", action="store_true", help="measure a server instead of serving")
     b.add_argument("--bench-url", help="server to measure (default: start one for MODEL)")

@@ -66,6 +66,20 @@ def test_booleans_are_refused_where_numbers_are_meant(server, field, value):
     assert field in r.json()["error"]["message"], r.json()
 
 
+# ---- finding 1, through the server: an oversized stop set is a 400 --------------------------------
+
+@pytest.mark.parametrize("field,value,message", [
+    ("stop", [f"stop {i}" for i in range(200)], "at most 128 strings"),
+    ("stop", ["x" * 9000], "8192 characters"),
+    ("stop_token_ids", list(range(2000)), "at most 1024"),
+])
+def test_an_oversized_stop_set_is_a_400(server, field, value, message):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4,
+                                         field: value})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text[:300]
+    assert len(r.text) < 1000, f"the error repeats the request: {len(r.text)} characters"
+
+
 # ---- finding 7: text that is not text --------------------------------------------------------------
 
 @pytest.mark.parametrize("path,body", [
