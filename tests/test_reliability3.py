@@ -166,7 +166,7 @@ def test_a_second_thread_running_the_engine_is_refused_by_name(llm, hf_model):
     second is refused at once, naming the thread that runs the engine; the first is exact."""
     ps = prompts([15, 22], seed=6)
     sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
-    result, errors = [], []
+    result = []
     runner = threading.Thread(
         target=lambda: result.append(llm.generate(ps, sp, use_tqdm=False)), name="first-user")
     runner.start()
