@@ -99,6 +99,7 @@ def test_sampling_params_normalises_stop():
     assert sp.stop == ["\n"] and SamplingParams().stop == [] and SamplingParams(temperature=0).greedy
 
 
+@pytest.mark.tasks("2.1", "2.2")
 def test_sequence_blocks_and_split():
     s = Sequence([1, 2, 3, 4, 5], block_size=2)
     assert s.status == SequenceStatus.WAITING and s.num_blocks == 3 and s.block(2) == [5]
@@ -156,6 +157,7 @@ def test_max_model_len_beyond_the_model_is_refused(tiny_model):
     assert Config(tiny_model).max_model_len == min(4096, limit)  # the default
 
 
+@pytest.mark.tasks("2.4")
 def test_max_model_len_default_follows_a_small_model(tiny_model):
     from transformers import AutoConfig
 
@@ -221,6 +223,7 @@ def test_checkpoint_without_tokenizer_is_refused(model_copy, remove, ok):
 
 
 # issue 12 item 7 / contract 1: the attention shape is derived in one place
+@pytest.mark.tasks("2.3")
 def test_attention_shape_matches_the_weights(tiny_model):
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -232,6 +235,7 @@ def test_attention_shape_matches_the_weights(tiny_model):
     assert attention_shape(AutoConfig.from_pretrained(tiny_model)) == (q // d, k // d, d) == (4, 2, 32)
 
 
+@pytest.mark.tasks("2.3")
 def test_attention_shape_fallbacks():
     from transformers import LlamaConfig, Qwen2Config
 
@@ -244,6 +248,7 @@ def test_attention_shape_fallbacks():
     assert attention_shape(qwen2) == (14, 2, 64)
 
 
+@pytest.mark.tasks("2.5", "2.6")
 def test_context_round_trip():
     set_context(is_prefill=True, max_seqlen_q=7)
     assert get_context().is_prefill and get_context().max_seqlen_q == 7
@@ -251,6 +256,7 @@ def test_context_round_trip():
     assert not get_context().is_prefill and get_context().slot_mapping is None
 
 
+@pytest.mark.tasks("2.5", "2.6")
 def test_each_thread_has_its_own_context():
     """Issue 21 item 3: two engines stepping in two threads must never read each other's batch."""
     import threading
