@@ -24,6 +24,6 @@ def sweep_by_block_size() -> dict:
         kw = dict(kvcache_block_size=block_size, num_kvcache_blocks=blocks, max_model_len=44)
         with LLM(model_path, max_num_seqs=8, **kw) as llm:
             w, kvt = engine_bytes(llm)
-            rows = decode_sweep(llm, [1, 8], 32, 12, cpu_bw, w, kvt)
+            rows = decode_sweep(llm, [1, 8], 32, 12, device_bw, w, kvt)
         got[block_size] = [r["tokens_per_s"] for r in rows]
     return got
