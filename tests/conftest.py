@@ -43,6 +43,34 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def in_threads(fn, size=2):
+    """fn(rank) in one thread per rank; the results by rank (the first error is raised again)."""
+    import threading
+
+    results, errors = [None] * size, []
+
+    def main(rank):
+        try:
+            results[rank] = fn(rank)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def prompts(lengths, seed=0):
+    """Random prompts of these lengths (no token 0: transformers takes it for padding)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]
+
+
 def pool_is_sound(llm):
     """Block-pool invariants: every block free or used, never both; refs match the block tables."""
     bm = llm.block_manager

@@ -1,16 +1,10 @@
 """Async scheduling (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch, then
 launch the next step ahead, then collect), so its bookkeeping is checked here against the plain loop."""
 import pytest
-import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
-from conftest import pool_is_sound
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]
+from conftest import pool_is_sound, prompts
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,13 @@
 """The engine end to end on the tiny checkpoint (CPU), against Hugging Face transformers."""
 import pytest
-import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
-from conftest import hf_greedy
+from conftest import hf_greedy, prompts
 
 CHAPTERS = ("08",)  # `make check CH=08` runs this file (tools/check.py)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0: hf_greedy pads with 0
 
 
 @pytest.fixture(scope="module")

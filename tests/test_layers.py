@@ -4,7 +4,6 @@ SiLU-and-multiply and rotary in PyTorch (float64 formulas, transformers) and as 
 the CPU through the interpreter), and the loader's name mapping."""
 
 import math
-import threading
 from datetime import timedelta
 
 import pytest
@@ -20,29 +19,15 @@ from cleanvllm.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelL
                               silu_mul_triton)
 from cleanvllm.loader import route
 from cleanvllm.models.qwen3 import PACKED_MODULES
-from conftest import DEVICES
+from conftest import DEVICES, in_threads
 
 CHAPTERS = ("06",)  # `make check CH=06` runs this file (tools/check.py)
 
 
 def ranks(fn, size=2):
     """fn(tp) for each rank of a size-way group, one thread per rank with its own gloo group."""
-    store, results, errors = dist.HashStore(), [None] * size, []
-
-    def main(rank):
-        try:
-            results[rank] = fn(TPGroup(rank, size, dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=60))))
-        except Exception as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    store = dist.HashStore()
+    return in_threads(lambda r: fn(TPGroup(r, size, dist.ProcessGroupGloo(store, r, size, timedelta(seconds=60)))), size)
 
 
 def rand(*shape, seed=0, dtype=torch.float32):

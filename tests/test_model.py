@@ -1,7 +1,6 @@
 """Model parity with transformers (Qwen3, Qwen2, Llama with llama3 rope scaling), and tensor
 parallelism that depends only on the TPGroup a model is built with (the loader: test_loader.py)."""
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -14,7 +13,7 @@ from cleanvllm.context import reset_context, set_context
 from cleanvllm.layers import TPGroup
 from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
-from conftest import rel_err
+from conftest import in_threads, rel_err
 
 CHAPTERS = ("06",)  # `make check CH=06` runs this file (tools/check.py)
 
@@ -120,26 +119,6 @@ def _flat_context(prompts):
     set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(map(len, prompts)))
 
 
-def _in_threads(fn, size=2):
-    """fn(rank) in one thread per rank; the results by rank (the first error is raised again)."""
-    results, errors = [None] * size, []
-
-    def main(rank):
-        try:
-            results[rank] = fn(rank)
-        except Exception as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 @pytest.fixture(scope="module")
 def hf_last_logits(tiny_model):
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -182,14 +161,17 @@ def test_tp2_and_tp1_models_in_one_process_do_not_affect_each_other(tiny_model, 
         load_model(shard, tiny_model)
         return shard
 
-    def run_tp2():
-        _flat_context(PROMPTS)
+    def rank_logits(rank):
+        _flat_context(PROMPTS)  # the context is per thread (chapter 2): each rank sets its own
         try:
-            return _in_threads(lambda rank: _last_logits(shards[rank], PROMPTS))
+            return _last_logits(shards[rank], PROMPTS)
         finally:
             reset_context()
 
-    shards = _in_threads(build)
+    def run_tp2():
+        return in_threads(rank_logits)
+
+    shards = in_threads(build)
     assert shards[0].model.embed_tokens.weight.shape[0] == -(-cfg.vocab_size // 2)  # really split
     first, none = run_tp2()
     assert rel_err(first, hf_last_logits) < 1e-4 and none is None

@@ -9,21 +9,15 @@ import threading
 import time
 
 import pytest
-import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
-from conftest import hf_greedy, pool_is_sound
+from conftest import hf_greedy, pool_is_sound, prompts
 
 CHAPTERS = ("08",)  # `make check CH=08` runs this file (tools/check.py)
 
 KW = dict(device="cpu", kvcache_block_size=16, max_model_len=512)
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0: hf pad
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,11 @@ import torch
 
 from cleanvllm.engine import LLM
 from cleanvllm.sampling_params import SamplingParams
-from conftest import hf_greedy
+from conftest import hf_greedy, prompts
 
 KW = dict(device="cpu", kvcache_block_size=16, max_model_len=256)
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 10000, (n,), generator=g).tolist() for n in lengths]  # no 0: hf pad
 
 
 @pytest.fixture(scope="module")
