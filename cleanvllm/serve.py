@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import h11
@@ -265,7 +266,7 @@ class Refused:
 
 
 IGNORED = "ignored"  # bookkeeping that changes no output
-NO_TOOLS = Refused((None, [], "none"))
+NO_TOOLS = Refused((None, []))
 REQUEST_FIELDS: dict[str, str | Refused] = {
     # the SamplingParams field each sets
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -279,7 +280,8 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "repetition_penalty": Refused((None, 1)), "length_penalty": Refused((None, 1)),
     "logit_bias": Refused((None, {})), "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
     "suffix": Refused((None, "")), "response_format": Refused((None, {"type": "text"})),
-    "tools": NO_TOOLS, "tool_choice": NO_TOOLS, "functions": NO_TOOLS, "function_call": NO_TOOLS,
+    "tools": NO_TOOLS, "functions": NO_TOOLS,  # without tools, a tool choice changes nothing:
+    "tool_choice": Refused((None, "none", "auto")), "function_call": Refused((None, "none", "auto")),
     "guided_json": Refused(), "guided_regex": Refused(), "guided_choice": Refused(),
     "guided_grammar": Refused(), "guided_decoding_backend": Refused(), "structured_outputs": Refused(),
     "skip_special_tokens": Refused((None, True)), "include_stop_str_in_output": Refused((None, False)),
@@ -434,8 +436,13 @@ class ServerState:
         """load_json(raw) in the parser process (spawned, not forked: this process has threads)."""
         if self.parser is None:
             self.parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.parser, load_json, raw, MAX_JSON_VALUES)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.parser, load_json, raw, MAX_JSON_VALUES
+            )
+        except BrokenProcessPool:  # the parser died (killed, out of memory): a new one next time
+            self.parser = None
+            raise APIError(500, "the JSON parser process died", "internal_server_error") from None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -498,7 +505,7 @@ def load_json(raw: bytes, max_values: int):
     """json.loads(raw), or a str saying why not: not JSON, or more than max_values values."""
     try:
         data = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         return f"the body is not valid JSON: {e}"
     todo, n = [data], 0
     while todo:

@@ -297,6 +297,18 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(server):
     assert out.choices[0].message.content == refs["chat"].text
 
 
+def test_bodies_that_are_not_requests(server):
+    """Not JSON, nested too deep for the parser, or more JSON values than any request has: 400s."""
+    url = server[0]
+    for raw, word in [(b"{'model': oops", "not valid JSON"), (b"[" * 100_000, "not valid JSON"),
+                      (json.dumps([[]] * 200_000).encode(), "JSON values"),
+                      (json.dumps({"model": NAME, "prompt": "hi", "metadata": [0] * 200_000}).encode(),
+                       "JSON values")]:
+        r = httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"},
+                       timeout=120)
+        assert r.status_code == 400 and word in r.json()["error"]["message"], (raw[:30], r.text[:300])
+
+
 def test_stream_options_need_stream(server):
     url = server[0]
     for extra, word in [({"stream_options": {"include_usage": True}}, "stream"),
