@@ -284,6 +284,9 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "tool_choice": Refused((None, "none", "auto")), "function_call": Refused((None, "none", "auto")),
     "guided_json": Refused(), "guided_regex": Refused(), "guided_choice": Refused(),
     "guided_grammar": Refused(), "guided_decoding_backend": Refused(), "structured_outputs": Refused(),
+    "guided_whitespace_pattern": Refused(), "structural_tag": Refused(), "documents": Refused(),
+    "include_reasoning": Refused((None, True)), "mm_processor_kwargs": Refused(),
+    "kv_transfer_params": Refused(), "web_search_options": Refused(),
     "skip_special_tokens": Refused((None, True)), "include_stop_str_in_output": Refused((None, False)),
     "spaces_between_special_tokens": Refused((None, True)), "truncate_prompt_tokens": Refused(),
     "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
@@ -321,7 +324,7 @@ def check_fields(body: SamplingRequest) -> dict:
     if refused:
         raise ValueError(f"not supported by this server: {', '.join(refused)}")
     options = body.stream_options
-    if options is not None and not body.stream:
+    if options and not body.stream:
         raise ValueError("stream_options: only with stream: true")
     if unknown := sorted(set(options or {}) - set(STREAM_OPTIONS)):
         raise ValueError(f"stream_options: unknown {unknown}; known: {list(STREAM_OPTIONS)}")
@@ -711,7 +714,9 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
                        chunk, head=None, echo: list[str] | None = None):  # fmt: skip
     """Events: each choice's text as it grows, its finish reason, usage if asked, [DONE]."""
     sent, counts = [None] * len(handles), [0] * len(handles)  # None: nothing sent yet
-    each = (body.stream_options or {}).get("continuous_usage_stats")  # usage in every chunk
+    options = body.stream_options  # as vLLM: given at all, it means include_usage unless false
+    total = options is not None and options.get("include_usage", True) is not False
+    each = total and options.get("continuous_usage_stats")  # usage in every chunk
     if head is not None:
         yield sse({**head, "usage": usage(prompt_tokens[0], 0)} if each else head)
     try:
@@ -733,9 +738,9 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
             "internal_server_error", 500)  # fmt: skip
         yield sse({"error": {"message": str(e), "type": kind, "code": code}})
     else:
-        if (body.stream_options or {}).get("include_usage"):
-            total = usage(sum(prompt_tokens), sum(counts))
-            yield sse({**chunk("", None), "choices": [], "usage": total})
+        if total:
+            counted = usage(sum(prompt_tokens), sum(counts))
+            yield sse({**chunk("", None), "choices": [], "usage": counted})
     yield sse("[DONE]")
 
 

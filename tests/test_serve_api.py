@@ -242,6 +242,13 @@ def test_continuous_usage_stats(server):
     assert counts == sorted(counts) and counts[-1] == N, counts
     assert all(ch.usage.prompt_tokens == n_prompt for ch in chunks)
     assert all(ch.usage.total_tokens == n_prompt + ch.usage.completion_tokens for ch in chunks)
+    # as vLLM: stream_options given means include_usage unless it says false
+    alone = list(client(url).completions.create(model=NAME, prompt=PROMPTS[0], stream=True, **G,
+                                                stream_options={"continuous_usage_stats": True}))
+    assert all(ch.usage is not None for ch in alone) and not alone[-1].choices
+    off = list(client(url).completions.create(model=NAME, prompt=PROMPTS[0], stream=True, **G,
+                                              stream_options={"include_usage": False}))
+    assert all(ch.usage is None and ch.choices for ch in off)
     chat = list(client(url).chat.completions.create(
         model=NAME, messages=CHAT, stream=True, temperature=0, max_tokens=N,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
@@ -266,6 +273,8 @@ CHAT_REFUSED = [
     ("logprobs", True), ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
     ("echo", True), ("continue_final_message", True), ("add_generation_prompt", False),
     ("chat_template", "{{ 'hi' }}"), ("reasoning_effort", "high"), ("n", 2),
+    ("documents", [{"title": "a", "text": "b"}]), ("include_reasoning", False),
+    ("structural_tag", "{}"), ("add_special_tokens", True),
 ]
 
 
@@ -293,7 +302,8 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(server):
     assert out.choices[0].text == refs["greedy"][0].text
     out = c.chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=N, n=1,
                                     logprobs=False, tools=[], response_format={"type": "text"},
-                                    metadata={"a": "b"}, store=False, parallel_tool_calls=True)
+                                    metadata={"a": "b"}, store=False, parallel_tool_calls=True,
+                                    tool_choice="auto")
     assert out.choices[0].message.content == refs["chat"].text
 
 
