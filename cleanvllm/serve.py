@@ -820,10 +820,9 @@ async def completions(request: Request):
     params = [one_prompt(i, len(ids), sampling_params, body, len(x), s.max_model_len, 16)
               for i, x in enumerate(ids)]  # fmt: skip
     if body.echo:  # token-id prompts: their text, decoded off the loop
-        decode = s.tokenizer.batch_decode
-        texts = [
-            t if t is not None else (await s.off_loop(decode, [x]))[0] for t, x in zip(texts, ids)
-        ]
+        todo = [x for t, x in zip(texts, ids) if t is None]
+        decoded = iter(await s.off_loop(s.tokenizer.batch_decode, todo) if todo else [])
+        texts = [next(decoded) if t is None else t for t in texts]
     handles = await s.engine.add_many(ids, params)
     chunk = completion_chunk(f"cmpl-{handles[0].request_id}", s.model_name, int(time.time()))
     echo, lens = texts if body.echo else None, [len(x) for x in ids]
