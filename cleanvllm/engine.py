@@ -24,17 +24,10 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import (
-    ModelRunner,
-    StepBatch,
-    decode_batch,
-    free_port,
-    prepare_batch,
-    run_worker,
-)
+from cleanvllm.model_runner import Launched, ModelRunner, free_port, prepare_batch, run_worker
 from cleanvllm.sampling_params import SamplingParams
-from cleanvllm.scheduler import Scheduler
-from cleanvllm.sequence import Sequence, SequenceStatus
+from cleanvllm.scheduler import PENDING, Scheduler
+from cleanvllm.sequence import Sequence
 
 
 @dataclass
@@ -58,6 +51,16 @@ class StepStats:
     is_prefill: bool
     num_tokens: int
     num_seqs: int
+
+
+@dataclass
+class InFlight:
+    """A step launched and not yet collected: its sequences (in row order), the runner's handle,
+    and what it computes."""
+
+    seqs: list[Sequence]
+    launched: Launched
+    stats: StepStats
 
 
 @dataclass
@@ -108,7 +111,11 @@ class LLMEngine:
         self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
         self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None
-        self.pending, self._generating = None, set()  # step 5b; ids a generate() call waits for
+        self._generating: set[int] = set()  # ids a generate() call waits for
+        self.overlap = (
+            config.async_scheduling and not self.workers
+        )  # step 5b's loop, or the plain one
+        self.in_flight: list[InFlight] = []  # steps launched and not yet collected (step 5b)
 
     def _eos_ids(self) -> list[int]:
         """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
@@ -124,6 +131,40 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
+
+    def close(self) -> None:
+        """Stop the workers and free the model and KV cache; safe to call twice."""
+        if getattr(self, "closed", True):
+            return
+        with self.owned():  # never under a step of another thread (step 4)
+            self.closed, self.in_flight = True, []
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.workers:
+            proc.join(0 if self._ranks_busy else 10)  # a worker stuck in a collective never exits
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
+            runner.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def parse_prompt(self, prompt, index: int = 0) -> tuple[list[int], str | None]:
         """(token ids, prompt text or None) of a string, a token list, or vLLM's prompt dicts."""
@@ -241,16 +282,7 @@ class LLMEngine:
         self.requests.pop(request_id, None)
         self.unreported.pop(request_id, None)
         if req is not None and request_id in self._generating:  # a generate() call waits for it
-            s = req.seq
-            out = (
-                s.prompt_token_ids,
-                req.text,
-                s.completion_token_ids,
-                True,
-                "abort",
-                s.num_preemptions,
-            )
-            self.unreported[request_id] = RequestOutput(request_id, req.prompt, *out)
+            self.unreported[request_id] = self._output(req, req.text)
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step() (queued ones included)."""
@@ -266,50 +298,40 @@ class LLMEngine:
         self._check_open()
         self._take_inbox()  # adds and aborts from other threads, applied between steps (step 4)
         outputs, self.unreported = self.unreported, {}
-        if self.pending and not any(s.status == SequenceStatus.RUNNING for s in self.pending[0]):
-            self.runner.collect(self.pending[1])  # every sequence of it ended meanwhile: wait, drop it
-            self.pending = None
-        if self.pending is None and not self.scheduler.waiting and not self.scheduler.running:
-            self.last_step = StepStats(False, 0, 0)
-            return list(outputs.values())
         try:
             with _sigint_deferred():
-                if self.pending is None:
-                    seqs, is_prefill = self.scheduler.schedule()
-                    batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-                    if is_prefill or self.workers or not self.config.async_scheduling:  # run it now
-                        self._take_tokens(seqs, self._execute(batch), outputs, quiet, ahead=False)
-                        self.last_step = StepStats(is_prefill, len(batch.input_ids), len(seqs))
-                        return list(outputs.values())
-                    self.pending = (seqs, self.runner.launch(batch), False)
-                seqs, launched, ahead = self.pending
-                self.pending = self._launch_ahead(seqs, launched)  # before we wait for `launched`
-                n = self._take_tokens(seqs, self.runner.collect(launched), outputs, quiet, ahead)
+                run = self._step_overlapped if self.overlap else self._step_sync
+                self.last_step = run(outputs, quiet)
         except BaseException:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
-        self.last_step = StepStats(False, n, n)
         return list(outputs.values())
 
-    def _take_tokens(self, seqs: list, token_ids: list[int], outputs: dict, quiet, ahead: bool) -> int:
-        """Record a step's tokens. A sequence that finished or was aborted while its decode step ran
-        (launched ahead, step 5b) is no longer running: its token is dropped. Returns the tokens kept."""
-        if ahead:  # its sequences' bookkeeping is one token behind: it counts that token now
-            kept = [(s, t) for s, t in zip(seqs, token_ids) if s.status == SequenceStatus.RUNNING]
-            seqs, token_ids = [s for s, _ in kept], [t for _, t in kept]
-            for seq in seqs:
-                seq.num_scheduled_tokens = 1
+    def _step_sync(self, outputs: dict, quiet) -> StepStats:
+        """The article's loop: schedule, run the model (on every rank), record the tokens."""
+        if self.scheduler.is_finished():
+            return StepStats(False, 0, 0)
+        seqs, is_prefill = self.scheduler.schedule()
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        token_ids = self._execute(batch)
         lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
-        for seq, n in zip(seqs, lengths):
-            if len(seq.token_ids) > n:  # it got a token
-                out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
-                if out is not None:
-                    outputs[seq.seq_id] = out
-                if seq.is_finished:  # reported: the engine forgets it
-                    del self.requests[seq.seq_id]
-        return len(seqs)
+        self._report([s for s, n in zip(seqs, lengths) if len(s.token_ids) > n], outputs, quiet)
+        return StepStats(is_prefill, len(batch.input_ids), len(seqs))
+
+    def _report(self, seqs: list[Sequence], outputs: dict, quiet) -> None:
+        """Outputs for the sequences that got a token; a finished request is reported, then forgotten.
+        A sequence aborted while its step ran has no request any more: nothing to report."""
+        for seq in seqs:
+            req = self.requests.get(seq.seq_id)
+            if req is None:
+                continue
+            out = self._update(req, seq.seq_id in quiet)
+            if out is not None:
+                outputs[seq.seq_id] = out
+            if seq.is_finished:
+                del self.requests[seq.seq_id]
 
     def _execute(self, batch) -> list[int]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
@@ -324,15 +346,42 @@ class LLMEngine:
         self._ranks_busy = False
         return token_ids
 
-    def _launch_ahead(self, seqs: list[Sequence], launched):
-        """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
-        the new pending step, or None."""
-        go = self.scheduler.schedule_ahead(seqs)
-        if go is None:
-            return None
-        row = {s.seq_id: i for i, s in enumerate(seqs)}
-        batch = prepare_ahead(go, self.config.kvcache_block_size)
-        return go, self.runner.launch(batch, launched, [row[s.seq_id] for s in go]), True
+    def _launch(self) -> None:
+        """Schedule a step and launch it behind those in flight (it reads their PENDING tokens on the
+        device); it is counted later, by _count."""
+        seqs, is_prefill = self.scheduler.schedule()
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        stats = StepStats(is_prefill, len(batch.input_ids), len(seqs))
+        self.in_flight.append(InFlight(seqs, self.runner.launch(batch), stats))
+
+    def _count(self, step: InFlight) -> None:
+        """Record a launched step before its tokens are known: each is PENDING, so that the scheduler
+        can plan the next step. A sequence that stopped since it was scheduled is left out."""
+        live = [s for s in step.seqs if not s.is_finished]
+        self.scheduler.postprocess(live, [PENDING] * len(live))
+
+    def _collect(self, outputs: dict, quiet) -> StepStats:
+        """Wait for the oldest step in flight, write its tokens over their PENDING, report them."""
+        step = self.in_flight[0]
+        filled = self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+        self._report(filled, outputs, quiet)
+        self.in_flight.pop(0)
+        return step.stats
+
+    def _step_overlapped(self, outputs: dict, quiet) -> StepStats:
+        """Launch the next step before collecting the one in flight: the GPU computes it while Python
+        records the last one. Each call still returns the tokens of one step."""
+        if not self.in_flight:  # nothing on the device: start a step first
+            if self.scheduler.is_finished():
+                return StepStats(False, 0, 0)
+            self._launch()
+            self._count(self.in_flight[0])
+        if not self.scheduler.is_finished():
+            self._launch()
+        stats = self._collect(outputs, quiet)
+        if self.in_flight:  # after the collect: it may have stopped some of this step's sequences
+            self._count(self.in_flight[0])
+        return stats
 
     def _detokenize(self, req: _Request, final: bool = False) -> None:
         """Append the text of req's new completion tokens, decoding only a short window."""
@@ -356,10 +405,7 @@ class LLMEngine:
             req.scanned = len(req.text)
             if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
                 req.stop_at = hit
-                if seq.is_finished:  # EOS or the last allowed token completed the stop string
-                    seq.finish_reason = "stop"
-                else:
-                    self.scheduler.finish(seq, "stop")
+                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
         if seq.is_finished:
             if req.stop_at is None:
                 self._detokenize(req, final=True)
@@ -369,23 +415,36 @@ class LLMEngine:
         else:
             held = req.stops.hold[req.stop_state] if sp.stop else 0
             text = req.text[: len(req.text) - held]
+        return self._output(req, text)
+
+    def _output(self, req: _Request, text: str) -> RequestOutput:
+        """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
+        seq = req.seq
+        token_ids = seq.completion_token_ids
+        if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
+            token_ids.pop()
+        reason = seq.finish_reason if seq.is_finished else None
         return RequestOutput(
             seq.seq_id,
             req.prompt,
             seq.prompt_token_ids,
             text,
-            seq.completion_token_ids,
+            token_ids,
             seq.is_finished,
-            seq.finish_reason if seq.is_finished else None,
+            reason,
             seq.num_preemptions,
         )
 
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
-        if self.pending is not None:  # a step launched ahead: dropped, its sequences are recomputed
-            self.pending = None
-            if self.config.device == "cuda" and not self.closed:
-                torch.cuda.synchronize()  # no copy of it may still read the host buffers we reuse
+        try:
+            for step in self.in_flight:  # a launched step's tokens are right: keep them
+                self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+            if self.config.device == "cuda":
+                torch.cuda.synchronize()  # a launch cut short may still copy from buffers we reuse
+        except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing
+            self.close()
+        self.in_flight = []
         if self.workers and self._ranks_busy:  # ranks may be out of step: never risk wrong output
             self.close()
         if self.closed:
@@ -536,40 +595,6 @@ class LLMEngine:
                     f"tensor-parallel worker rank {rank} failed: {cause}; the engine is closed"
                 )
 
-    def close(self) -> None:
-        """Stop the workers and free the model and KV cache; safe to call twice."""
-        if getattr(self, "closed", True):
-            return
-        with self.owned():  # never under a step of another thread (step 4)
-            self.closed, self.pending = True, None
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.workers:
-            proc.join(0 if self._ranks_busy else 10)  # a worker stuck in a collective never exits
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
-        runner = self.__dict__.pop("runner", None)
-        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
-            runner.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 def check_text(text: str, what: str) -> str:
     """text itself if it is valid Unicode; else a ValueError naming `what` and the position. JSON
@@ -584,14 +609,6 @@ def check_text(text: str, what: str) -> str:
                 f"{text[e.start]!r}"
             ) from None
     return text
-
-
-def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
-    """The decode batch of the token after each sequence's newest one, built before that newest
-    token is known: its input ids are placeholders (the runner takes them on the device)."""
-    pos = [len(s) for s in seqs]  # the newest token (still on the GPU) will sit at index len(s)
-    generated = [s.num_completion_tokens + 1 for s in seqs]  # counting that newest token
-    return decode_batch(seqs, pos, [0] * len(seqs), generated, block_size)
 
 
 class StopMatcher:

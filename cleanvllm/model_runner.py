@@ -24,6 +24,7 @@ from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
 from cleanvllm.sampler import is_plain, sample, sample_temperature, sample_temperature_triton
 from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.scheduler import PENDING
 from cleanvllm.sequence import Sequence
 
 
@@ -31,7 +32,8 @@ from cleanvllm.sequence import Sequence
 class StepBatch:
     """One step's inputs: per new token (input_ids, positions, slot_mapping), per sequence
     (cu_seqlens_q, context_lens, block_tables) and, for the sampler, per sequence its
-    SamplingParams and num_generated (completion tokens so far: the next one is number num_generated)."""
+    SamplingParams, num_generated (completion tokens so far: the next one is number num_generated)
+    and seq_id."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -42,6 +44,7 @@ class StepBatch:
     block_tables: list[list[int]]
     params: list[SamplingParams]
     num_generated: list[int]
+    seq_ids: list[int]
 
     @property
     def num_seqs(self) -> int:
@@ -63,7 +66,8 @@ def decode_batch(
     ]
     cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
     params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
-    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated)
+    ids_of = [s.seq_id for s in seqs]
+    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated, ids_of)
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
@@ -86,7 +90,8 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
             slots.extend(range(base + lo - b * block_size, base + hi - b * block_size))
         cu.append(cu[-1] + end - start)
         ctx.append(end)
-    return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated)
+    seq_ids = [s.seq_id for s in seqs]
+    return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated, seq_ids)
 
 
 def free_port() -> int:
@@ -191,7 +196,7 @@ class ModelRunner:
             context_lens=(s,),
             block_tables=(s, w),
             step_seed=(1,),  # the in-graph sampler's seed, fresh at every step (step 6b)
-            prev_rows=(s,),  # a step launched ahead: where each input id comes from (step 18)
+            prev_rows=(s,),  # for a PENDING input id: its row in the previous step's tokens
         )
         total = sum(math.prod(v) for v in shapes.values())
         pin = self.device.type == "cuda"
@@ -238,9 +243,9 @@ class ModelRunner:
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
-    def _stage(self, batch: StepBatch, rows: int, prev=None, prev_rows=None) -> None:
-        """Write the batch into a host buffer, padded to `rows` sequences, and copy it over. prev: a
-        step still running whose tokens are this step's input ids (row i takes row prev_rows[i])."""
+    def _stage(self, batch: StepBatch, rows: int) -> None:
+        """Write the batch into a host buffer, padded to `rows` sequences, and copy it over. A PENDING
+        input id (chapter 8) is read on the device from the tokens the previous step sampled."""
         self.turn = (self.turn + 1) % len(self.hbufs)
         h, b, n = self.hbufs[self.turn], batch.num_seqs, len(batch.input_ids)
         self.hbuf, pad = h, rows - b
@@ -261,14 +266,23 @@ class ModelRunner:
         temps.numpy()[:b] = [p.temperature for p in batch.params]
         # drawn from torch's generator: torch.manual_seed makes a run repeatable, as with exponential_()
         h["step_seed"][0] = torch.randint(1 << 62, (1,)).item()
-        if prev is not None:
-            h["prev_rows"][:n] = prev_rows
+        src = self._pending_rows(batch)
+        if src is not None:
+            h["prev_rows"][:n] = src
         if self.dev is not self.hosts[0]:  # one copy of each, queued behind the running step
             self.temp_dev.copy_(temps, non_blocking=True)
             self.dev.copy_(self.hosts[self.turn], non_blocking=True)
-        if prev is not None:  # on the device, in stream order: after `prev` has sampled them
-            ids = self.buf["input_ids"]
-            ids[:n] = prev.tokens[self.buf["prev_rows"][:n]]
+        if src is not None:  # on the device, in stream order: after the previous step sampled them
+            ids, src = self.buf["input_ids"][:n], self.buf["prev_rows"][:n]
+            ids.copy_(torch.where(src >= 0, self.sampled[src.clamp(min=0)], ids))
+
+    def _pending_rows(self, batch: StepBatch) -> list[int] | None:
+        """None when every input id is known; else, per input id, its row in the tokens that the step
+        launched just before sampled (self.sampled) if it is PENDING, -1 if it is known."""
+        if PENDING not in batch.input_ids:  # prefill steps, and every step of the synchronous loop
+            return None
+        row = {seq_id: i for i, seq_id in enumerate(self.sampled_ids)}
+        return [row[s] if t == PENDING else -1 for s, t in zip(batch.seq_ids, batch.input_ids)]
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
@@ -287,10 +301,10 @@ class ModelRunner:
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
         )
 
-    def _run_eager(self, batch: StepBatch, prev=None, prev_rows=None) -> torch.Tensor:
+    def _run_eager(self, batch: StepBatch) -> torch.Tensor:
         """The model on the batch as it is; the hidden state of each sequence's last new token."""
         rows, n = batch.num_seqs, len(batch.input_ids)
-        self._stage(batch, rows, prev, prev_rows)
+        self._stage(batch, rows)
         self._context(batch, rows, max(len(t) for t in batch.block_tables))
         try:
             hidden = self.model(self.buf["input_ids"][:n], self.buf["positions"][:n])
@@ -314,6 +328,7 @@ class ModelRunner:
             [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num)],
             [SamplingParams(top_p=0.9)] * num,
             [0] * num,
+            list(range(num)),
         )
 
     @torch.inference_mode()
@@ -383,17 +398,17 @@ class ModelRunner:
         return num
 
     @torch.inference_mode()
-    def launch(self, batch: StepBatch, prev: "Launched | None" = None, prev_rows=None) -> "Launched":
-        """Start one step and return without waiting for the GPU. prev, prev_rows: a decode step
-        launched behind `prev`, whose row i takes as input id the token of prev's row prev_rows[i]."""
+    def launch(self, batch: StepBatch) -> "Launched":
+        """Start one step and return without waiting for the GPU; its tokens stay on the device as
+        self.sampled, where the next step reads the ids it was given as PENDING."""
         rows, tokens = batch.num_seqs, None
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
         )
         if graph_rows is None:
-            logits = self.model.compute_logits(self._run_eager(batch, prev, prev_rows))
+            logits = self.model.compute_logits(self._run_eager(batch))
         else:
-            self._stage(batch, graph_rows, prev, prev_rows)
+            self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
             if not self.graph_samples:  # tensor parallel: logits are gathered outside the graph
                 logits = self.model.compute_logits(self.graph_out[:rows])
@@ -405,6 +420,7 @@ class ModelRunner:
             return Launched(None, None)
         if tokens is None:
             tokens = sample(logits, batch.params, batch.num_generated, self.config.eos_token_ids)
+        self.sampled, self.sampled_ids = tokens, batch.seq_ids
         if not tokens.is_cuda:
             return Launched(tokens, tokens)
         self.token_turn ^= 1  # two host buffers: the previous step's tokens may still be unread
@@ -450,7 +466,7 @@ class ModelRunner:
         if self.graph_samples:
             self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
             self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
-        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0])
+        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0], [0])
         self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
         for rows in reversed(self.graph_sizes):  # largest first: the others fit in its pool

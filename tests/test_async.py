@@ -1,5 +1,6 @@
-"""Async scheduling (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch, then
-launch the next step ahead, then collect), so its bookkeeping is checked here against the plain loop."""
+"""The overlapped loop (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch the
+next step, reading its PENDING input ids on the device, then collect the one before), so its
+bookkeeping is checked here against the plain loop."""
 import pytest
 
 from cleanvllm.engine import LLM
@@ -40,7 +41,7 @@ def test_same_outputs_with_every_kind_of_request(engines):
 
 
 def test_adding_and_aborting_while_a_step_is_pending(engines):
-    """step() by hand: abort one request while a step launched ahead holds it, add another; the
+    """step() by hand: abort one request while a step in flight holds it, add another; the
     others' tokens equal the plain loop's, the aborted one ends 'abort', no block is lost."""
     on, off = engines
     ps = prompts([12, 30, 7, 20], seed=3)
@@ -55,7 +56,7 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
             for o in llm.step():
                 if o.finished:
                     done[o.request_id] = (o.token_ids, o.finish_reason)
-            pending_seen |= llm.pending is not None
+            pending_seen |= bool(llm.in_flight)
             if step == 4:
                 llm.abort_request(ids[1])
                 ids.append(llm.add_request(ps[3], sp))
@@ -69,16 +70,16 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
 
 
 def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
-    """The last step launched ahead may hold only sequences that then stopped on a stop token: the
-    next step() waits for it, drops it, and does the next real work (or reports nothing)."""
+    """The last step launched may hold only sequences that then stopped on a stop token: the next
+    step() waits for it, drops its tokens, and does the next real work (or reports nothing)."""
     on, _ = engines
     p = prompts([10], seed=7)[0]
     first = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     out = on.generate([p], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[3]]),
                       use_tqdm=False)[0]
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:4]
-    assert on.pending is None or not any(s.status.name == "RUNNING" for s in on.pending[0])
-    assert on.step() == [] and on.pending is None
+    assert all(s.is_finished for step in on.in_flight for s in step.seqs)
+    assert on.step() == [] and not on.in_flight
     assert on.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
     nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     assert nxt.token_ids == first.token_ids

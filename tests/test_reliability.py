@@ -153,11 +153,11 @@ def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_mod
     assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
 
-# (point, which call of it): a prefill runs through execute, the first decode step through
-# schedule and launch, later ones are launched ahead (schedule_ahead) and read by collect
-POINTS = [("schedule", 2), ("prepare_batch", 2), ("execute", 1), ("launch", 3),
-          ("schedule_ahead", 3), ("collect", 4), ("postprocess:before", 4), ("postprocess:after", 4),
-          ("update", 4)]
+# (point, which call of it): the overlapped loop launches a step (schedule, launch), counts it
+# (postprocess with PENDING tokens), launches the next, then collects and fills the first
+POINTS = [("schedule", 2), ("prepare_batch", 2), ("launch", 1), ("launch", 3), ("collect", 1),
+          ("collect", 4), ("postprocess:before", 4), ("postprocess:after", 4), ("fill:before", 3),
+          ("fill:after", 3), ("update", 4)]
 
 
 @pytest.mark.parametrize("point,nth", POINTS)
