@@ -73,98 +73,16 @@ class _Request:
     prefix_offset: int = 0  # completion tokens [prefix_offset, read_offset) made the last text
     read_offset: int = 0
     stop_at: int | None = None  # where the stop string starts in text, once found
-    stops: "StopMatcher | None" = None  # the automaton of its stop strings (step 7)
+    stops: "StopMatcher | None" = None  # the automaton of its stop strings
     stop_state: int = 0  # the automaton's state after text[:scanned]
     scanned: int = 0
 
 
-class LLMEngine:
-    """Scheduler + block manager + model runner(s) behind vLLM's request API."""
+class InputProcessor:
+    """Prompts and sampling parameters in, checked requests out; no engine state."""
 
-    def __init__(self, model: str, **kwargs):
-        allowed = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {sorted(allowed)}")
-        self.closed, self.workers, self.conns, self._ranks_busy = True, [], [], False
-        self._lock, self._owner, self._inbox = threading.Lock(), None, []  # threads (step 4)
-        self.config = config = Config(model, **kwargs)
-        if config.tensor_parallel_size > 1 and dist.is_initialized():
-            raise RuntimeError(
-                "torch.distributed is already initialized in this process (another engine with "
-                "tensor_parallel_size > 1 is open?): close it first; one process holds one such engine"
-            )
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        config.eos_token_ids = self._eos_ids()
-        self.closed = False
-        try:
-            port = self._start_workers() if config.tensor_parallel_size > 1 else None
-            self.runner = ModelRunner(config, 0, port)
-            for rank in range(1, config.tensor_parallel_size):
-                self._expect(rank, "ready", timeout=300)
-        except BaseException:
-            self.close()
-            raise
-        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
-        limits = config.max_num_seqs, config.max_num_batched_tokens
-        self.scheduler = Scheduler(*limits, self.block_manager, config.eos_token_ids)
-        self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
-        self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
-        self.last_step: StepStats | None = None
-        self._generating: set[int] = set()  # ids a generate() call waits for
-        self.overlap = (
-            config.async_scheduling and not self.workers
-        )  # step 5b's loop, or the plain one
-        self.in_flight: list[InFlight] = []  # steps launched and not yet collected (step 5b)
-
-    def _eos_ids(self) -> list[int]:
-        """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
-        ids = set()
-        for name in ("generation_config.json", "config.json"):
-            path = Path(self.config.model) / name
-            if path.is_file():
-                try:
-                    eos = json.loads(path.read_text()).get("eos_token_id")
-                except ValueError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from None
-                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
-
-    def close(self) -> None:
-        """Stop the workers and free the model and KV cache; safe to call twice."""
-        if getattr(self, "closed", True):
-            return
-        with self.owned():  # never under a step of another thread (step 4)
-            self.closed, self.in_flight = True, []
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.workers:
-            proc.join(0 if self._ranks_busy else 10)  # a worker stuck in a collective never exits
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
-        runner = self.__dict__.pop("runner", None)
-        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
-            runner.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    def __init__(self, config: Config, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
 
     def parse_prompt(self, prompt, index: int = 0) -> tuple[list[int], str | None]:
         """(token ids, prompt text or None) of a string, a token list, or vLLM's prompt dicts."""
@@ -206,6 +124,169 @@ class LLMEngine:
                 f"prompt {index} has {len(token_ids)} tokens; with max_tokens={sp.max_tokens} "
                 f"that is {len(token_ids) + sp.max_tokens} > max_model_len={c.max_model_len}"
             )
+
+    def request(self, prompt, sp: SamplingParams, index: int = 0) -> _Request:
+        """The checked request of one prompt (index names it in errors)."""
+        token_ids, text = self.parse_prompt(prompt, index)
+        self.check_request(token_ids, sp, index)
+        req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), text)
+        req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None
+        return req
+
+    def requests(self, prompts, sampling_params) -> list[_Request]:
+        """One request per prompt, every one checked before any is returned."""
+        if not isinstance(prompts, (list, tuple)) or all(isinstance(t, int) for t in prompts):
+            prompts = [prompts]  # one prompt: a string, a dict or a list of token ids
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(params)} sampling params; "
+                "pass one SamplingParams or one per prompt"
+            )
+        return [self.request(prompt, sp, i) for i, (prompt, sp) in enumerate(zip(prompts, params))]
+
+
+class OutputProcessor:
+    """Sampled tokens in, text and RequestOutputs out. A stop string ends its
+    sequence through the scheduler."""
+
+    def __init__(self, tokenizer, scheduler: Scheduler):
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    def _detokenize(self, req: _Request, final: bool = False) -> None:
+        """Append the text of req's new completion tokens, decoding only a short window."""
+        seq, decode = req.seq, self.tokenizer.decode
+        start = seq.num_prompt_tokens
+        window = seq.token_ids[start + req.prefix_offset :]
+        seen = decode(window[: req.read_offset - req.prefix_offset], skip_special_tokens=True)
+        text = decode(window, skip_special_tokens=True)
+        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
+            req.text += text[len(seen) :]
+            req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
+
+    def update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
+        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
+        seq, sp = req.seq, req.seq.sampling_params
+        if quiet and not sp.stop and not seq.is_finished:
+            return None  # the common case in generate(): nothing to decode until the end
+        self._detokenize(req)
+        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
+            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
+            req.scanned = len(req.text)
+            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
+                req.stop_at = hit
+                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
+        if seq.is_finished:
+            if req.stop_at is None:
+                self._detokenize(req, final=True)
+            text = req.text[: req.stop_at]  # text[:None] is the whole text
+        elif quiet:
+            return None
+        else:
+            held = req.stops.hold[req.stop_state] if sp.stop else 0
+            text = req.text[: len(req.text) - held]
+        return self.output(req, text)
+
+    def output(self, req: _Request, text: str) -> RequestOutput:
+        """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
+        seq = req.seq
+        token_ids = seq.completion_token_ids
+        if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
+            token_ids.pop()
+        reason = seq.finish_reason if seq.is_finished else None
+        return RequestOutput(
+            seq.seq_id,
+            req.prompt,
+            seq.prompt_token_ids,
+            text,
+            token_ids,
+            seq.is_finished,
+            reason,
+            seq.num_preemptions,
+        )
+
+
+class LLMEngine:
+    """The core loop behind vLLM's request API: requests in, steps run by the scheduler and the
+    model runner(s), outputs out."""
+
+    def __init__(self, model: str, **kwargs):
+        allowed = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {sorted(allowed)}")
+        self.closed, self.workers = True, None
+        self._lock, self._owner, self._inbox = threading.Lock(), None, []  # see owned()
+        self.config = config = Config(model, **kwargs)
+        if config.tensor_parallel_size > 1 and dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is already initialized in this process (another engine with "
+                "tensor_parallel_size > 1 is open?): close it first; one process holds one such engine"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        config.eos_token_ids = self._eos_ids()
+        self.closed = False
+        try:
+            self.workers = Workers(config) if config.tensor_parallel_size > 1 else None
+            self.runner = ModelRunner(config, 0, self.workers and self.workers.port)
+            if self.workers:
+                self.workers.expect("ready", timeout=300)
+        except BaseException:
+            self.close()
+            raise
+        blocks = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
+        limits = config.max_num_seqs, config.max_num_batched_tokens
+        self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
+        self.inputs = InputProcessor(config, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
+        self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
+        self.last_step: StepStats | None = None
+        self._generating: set[int] = set()  # ids a generate() call waits for
+        self.overlap = config.async_scheduling and self.workers is None  # which loop step() runs
+        self.in_flight: list[InFlight] = []  # steps launched and not yet collected (overlap)
+
+    def _eos_ids(self) -> list[int]:
+        """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
+        ids = set()
+        for name in ("generation_config.json", "config.json"):
+            path = Path(self.config.model) / name
+            if path.is_file():
+                try:
+                    eos = json.loads(path.read_text()).get("eos_token_id")
+                except ValueError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from None
+                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def close(self) -> None:
+        """Stop the workers and free the model and KV cache; safe to call twice."""
+        if getattr(self, "closed", True):
+            return
+        with self.owned():  # never under a step of another thread
+            self.closed, self.in_flight = True, []
+        if self.workers:
+            self.workers.close()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
+            runner.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _check_open(self) -> None:
         if self.closed:
@@ -254,17 +335,11 @@ class LLMEngine:
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
         """Validate one request and queue it; return its id. It runs in the next step()s."""
         self._check_open()
-        sp = SamplingParams() if sampling_params is None else sampling_params
-        token_ids, text = self.parse_prompt(prompt)
-        self.check_request(token_ids, sp)
-        req = self._new_request(token_ids, sp, text)
+        req = self.inputs.request(
+            prompt, SamplingParams() if sampling_params is None else sampling_params
+        )
         self._command("add", req)
         return req.seq.seq_id
-
-    def _new_request(self, token_ids: list[int], sp: SamplingParams, prompt: str | None) -> _Request:
-        req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), prompt)
-        req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None  # step 7
-        return req
 
     def _enqueue(self, req: _Request) -> int:
         self.requests[req.seq.seq_id] = req  # first: an interrupt after this line loses nothing
@@ -282,7 +357,7 @@ class LLMEngine:
         self.requests.pop(request_id, None)
         self.unreported.pop(request_id, None)
         if req is not None and request_id in self._generating:  # a generate() call waits for it
-            self.unreported[request_id] = self._output(req, req.text)
+            self.unreported[request_id] = self.outputs.output(req, req.text)
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step() (queued ones included)."""
@@ -291,12 +366,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return an output for every request that got a token (finished ones too)."""
-        with self.owned():  # one thread at a time (step 4)
+        with self.owned():  # one thread at a time
             return self._step(quiet=frozenset())
 
     def _step(self, quiet: frozenset | dict) -> list[RequestOutput]:
         self._check_open()
-        self._take_inbox()  # adds and aborts from other threads, applied between steps (step 4)
+        self._take_inbox()  # adds and aborts from other threads, applied between steps
         outputs, self.unreported = self.unreported, {}
         try:
             with _sigint_deferred():
@@ -327,7 +402,7 @@ class LLMEngine:
             req = self.requests.get(seq.seq_id)
             if req is None:
                 continue
-            out = self._update(req, seq.seq_id in quiet)
+            out = self.outputs.update(req, seq.seq_id in quiet)
             if out is not None:
                 outputs[seq.seq_id] = out
             if seq.is_finished:
@@ -335,15 +410,17 @@ class LLMEngine:
 
     def _execute(self, batch) -> list[int]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
-        self._ranks_busy = True  # until all ranks are through this step
-        for rank, conn in enumerate(self.conns, start=1):
-            self._send(rank, conn, batch)
+        if not self.workers:
+            return self.runner.execute(batch)
         try:
+            self.workers.send(batch)  # they start at once
             token_ids = self.runner.execute(batch)
         except Exception:
-            self._check_workers()  # a dead worker explains the failure better: raise naming it
+            if (error := self.workers.failure()) is not None:  # a dead worker explains it better
+                self.close()
+                raise error from None
             raise
-        self._ranks_busy = False
+        self.workers.busy = False
         return token_ids
 
     def _launch(self) -> None:
@@ -383,58 +460,6 @@ class LLMEngine:
             self._count(self.in_flight[0])
         return stats
 
-    def _detokenize(self, req: _Request, final: bool = False) -> None:
-        """Append the text of req's new completion tokens, decoding only a short window."""
-        seq, decode = req.seq, self.tokenizer.decode
-        start = seq.num_prompt_tokens
-        window = seq.token_ids[start + req.prefix_offset :]
-        seen = decode(window[: req.read_offset - req.prefix_offset], skip_special_tokens=True)
-        text = decode(window, skip_special_tokens=True)
-        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
-            req.text += text[len(seen) :]
-            req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
-
-    def _update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
-        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
-        seq, sp = req.seq, req.seq.sampling_params
-        if quiet and not sp.stop and not seq.is_finished:
-            return None  # the common case in generate(): nothing to decode until the end
-        self._detokenize(req)
-        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
-            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
-            req.scanned = len(req.text)
-            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
-                req.stop_at = hit
-                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
-        if seq.is_finished:
-            if req.stop_at is None:
-                self._detokenize(req, final=True)
-            text = req.text[: req.stop_at]  # text[:None] is the whole text
-        elif quiet:
-            return None
-        else:
-            held = req.stops.hold[req.stop_state] if sp.stop else 0
-            text = req.text[: len(req.text) - held]
-        return self._output(req, text)
-
-    def _output(self, req: _Request, text: str) -> RequestOutput:
-        """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
-        seq = req.seq
-        token_ids = seq.completion_token_ids
-        if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
-            token_ids.pop()
-        reason = seq.finish_reason if seq.is_finished else None
-        return RequestOutput(
-            seq.seq_id,
-            req.prompt,
-            seq.prompt_token_ids,
-            text,
-            token_ids,
-            seq.is_finished,
-            reason,
-            seq.num_preemptions,
-        )
-
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
         try:
@@ -445,45 +470,20 @@ class LLMEngine:
         except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing
             self.close()
         self.in_flight = []
-        if self.workers and self._ranks_busy:  # ranks may be out of step: never risk wrong output
+        if self.workers and self.workers.busy:  # ranks may be out of step: never risk wrong output
             self.close()
         if self.closed:
             return
-        for seq in reversed(list(self.scheduler.running)):  # recompute them from their tokens
-            self.scheduler.preempt(seq)
-        for seq in self.scheduler.waiting:  # an admission cut short may have left blocks behind
-            if seq.block_table:
-                self.block_manager.deallocate(seq)
-            seq.num_scheduled_tokens = 0
+        self.scheduler.preempt_all()  # recomputed from their tokens, which are never wrong
         for rid, req in list(self.requests.items()):  # finished in the step but not reported
             if req.seq.is_finished:
-                self.unreported[rid] = self._update(req)
+                self.unreported[rid] = self.outputs.update(req)
                 del self.requests[rid]
-
-    def _new_requests(self, prompts, sampling_params) -> list[_Request]:
-        """One _Request per prompt, every one checked; nothing is added to the engine yet."""
-        if not isinstance(prompts, (list, tuple)) or all(isinstance(t, int) for t in prompts):
-            prompts = [prompts]  # one prompt: a string, a dict or a list of token ids
-        if isinstance(sampling_params, (list, tuple)):
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(
-                f"got {len(prompts)} prompts but {len(params)} sampling params; "
-                "pass one SamplingParams or one per prompt"
-            )
-        reqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            token_ids, text = self.parse_prompt(prompt, i)
-            self.check_request(token_ids, sp, i)
-            reqs.append(self._new_request(token_ids, sp, text))
-        return reqs
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order. Every request is checked first."""
-        with self.owned():  # one thread at a time (step 4)
-            reqs = self._new_requests(prompts, sampling_params)  # checks all before any is added
+        with self.owned():  # one thread at a time
+            reqs = self.inputs.requests(prompts, sampling_params)  # checks all before any is added
             return self._generate(reqs, use_tqdm)
 
     def _generate(self, reqs: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
@@ -517,83 +517,6 @@ class LLMEngine:
             self._generating.difference_update(mine)
             bar.close()
         return results
-
-    def _start_workers(self) -> int:
-        """Spawn ranks 1..N-1, check that each runs; return the rendezvous port."""
-        port, ctx = free_port(), mp.get_context("spawn")
-        self._stalled = {}  # rank -> why the watchdog killed it
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
-        try:
-            for rank in range(1, self.config.tensor_parallel_size):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=run_worker, args=(self.config, rank, port, _SaysAlive(child)), daemon=True
-                )
-                proc.start()
-                child.close()
-                self.workers.append(proc)
-                self.conns.append(parent)
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-        for rank in range(1, self.config.tensor_parallel_size):
-            self._expect(rank, "alive", timeout=120)
-        watchdog = threading.Thread(target=_watch_workers, args=(weakref.ref(self),), daemon=True)
-        watchdog.start()
-        return port
-
-    def _expect(self, rank: int, want: str, timeout: float) -> None:
-        """Wait for worker `rank` to send `want`, watching the process, not only its pipe."""
-        proc, conn = self.workers[rank - 1], self.conns[rank - 1]
-        deadline = time.monotonic() + timeout
-        while proc.is_alive() and not conn.poll(0.05) and time.monotonic() < deadline:
-            pass
-        try:
-            kind, info = conn.recv() if conn.poll() else (None, None)
-        except (EOFError, OSError):  # the worker died: its end of the pipe closed
-            kind, info = None, None
-            proc.join(5)  # let it finish dying, to report its exit code
-        if kind == want:
-            return
-        if kind == "error":
-            raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {info}")
-        if proc.is_alive():
-            raise RuntimeError(f"tensor-parallel worker rank {rank} did not get {want} in {timeout} s")
-        hint = ""
-        if want == "alive":
-            hint = (
-                " before running any engine code. In a script, create the engine under "
-                '`if __name__ == "__main__":`: workers start by importing the script again '
-                "(multiprocessing's spawn method). The worker's traceback is above."
-            )
-        raise RuntimeError(f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}{hint}")
-
-    def _send(self, rank: int, conn, batch) -> None:
-        if not self.workers[rank - 1].is_alive():
-            self._check_workers()
-        try:
-            conn.send(batch)
-        except OSError:  # broken pipe: the worker is gone
-            self._check_workers()
-            raise
-
-    def _check_workers(self) -> None:
-        """If a worker died or reported an error, close the engine and raise naming its rank."""
-        for rank, (proc, conn) in enumerate(zip(self.workers, self.conns), start=1):
-            proc.join(0.5)
-            try:
-                kind, cause = conn.recv() if conn.poll() else (None, None)
-            except (EOFError, OSError):
-                kind, cause = None, None
-            if kind != "error" and not proc.is_alive():
-                kind, cause = "error", f"the process exited with code {proc.exitcode}"
-                cause = self._stalled.get(rank, cause)
-            if kind == "error":
-                self.close()
-                raise RuntimeError(
-                    f"tensor-parallel worker rank {rank} failed: {cause}; the engine is closed"
-                )
 
 
 def check_text(text: str, what: str) -> str:
@@ -719,6 +642,110 @@ class _SaysAlive:
         return (operator.itemgetter(0), ((self.conn,),), alive, None, None, type(self.conn).send)
 
 
+class Workers:
+    """Ranks 1..N-1 in worker processes, watched: one that dies, fails or stays stopped is named."""
+
+    def __init__(self, config: Config):
+        """Spawn the workers and check that each runs; they meet rank 0 at self.port."""
+        self.procs, self.conns, self.stalled = [], [], {}  # stalled: rank -> why it was killed
+        self.busy = self.closed = False  # busy: the ranks may be inside a step's collectives
+        self.error: RuntimeError | None = None  # the first failure found, kept
+        self.port, ctx = free_port(), mp.get_context("spawn")
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
+        try:
+            for rank in range(1, config.tensor_parallel_size):
+                parent, child = ctx.Pipe()
+                args = (config, rank, self.port, _SaysAlive(child))
+                self.procs.append(ctx.Process(target=run_worker, args=args, daemon=True))
+                self.procs[-1].start()
+                child.close()
+                self.conns.append(parent)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        try:
+            self.expect("alive", timeout=120)
+        except BaseException:
+            self.close()
+            raise
+        threading.Thread(target=_watch_workers, args=(weakref.ref(self),), daemon=True).start()
+
+    def close(self) -> None:
+        """Ask each worker to stop (None down its pipe), kill one that does not; safe twice."""
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(0 if self.busy else 10)  # a worker stuck in a collective never exits
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+
+    def expect(self, want: str, timeout: float) -> None:
+        """Wait for every worker to send `want`, watching each process, not only its pipe."""
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            deadline = time.monotonic() + timeout
+            while proc.is_alive() and not conn.poll(0.05) and time.monotonic() < deadline:
+                pass
+            try:
+                kind, info = conn.recv() if conn.poll() else (None, None)
+            except (EOFError, OSError):  # the worker died: its end of the pipe closed
+                kind, info = None, None
+                proc.join(5)  # let it finish dying, to report its exit code
+            if kind == want:
+                continue
+            if kind == "error":
+                raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {info}")
+            if proc.is_alive():
+                raise RuntimeError(
+                    f"tensor-parallel worker rank {rank} did not get {want} in {timeout} s"
+                )
+            hint = ""
+            if want == "alive":
+                hint = (
+                    " before running any engine code. In a script, create the engine under "
+                    '`if __name__ == "__main__":`: workers start by importing the script again '
+                    "(multiprocessing's spawn method). The worker's traceback is above."
+                )
+            raise RuntimeError(
+                f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}{hint}"
+            )
+
+    def send(self, batch) -> None:
+        """Send a step to every worker; the ranks are busy until the engine says otherwise."""
+        self.busy = True
+        for proc, conn in zip(self.procs, self.conns):
+            if not proc.is_alive():
+                raise RuntimeError("a tensor-parallel worker is gone")  # failure() names it
+            conn.send(batch)  # OSError: a broken pipe, the worker is gone
+
+    def failure(self) -> RuntimeError | None:
+        """The error of a worker that died or reported one, naming its rank; None if all are well."""
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            if self.error is not None:
+                break
+            proc.join(0.5)
+            try:
+                kind, cause = conn.recv() if conn.poll() else (None, None)
+            except (EOFError, OSError):
+                kind, cause = None, None
+            if kind != "error" and not proc.is_alive():
+                kind = "error"
+                cause = self.stalled.get(rank, f"the process exited with code {proc.exitcode}")
+            if kind == "error":
+                msg = f"tensor-parallel worker rank {rank} failed: {cause}; the engine is closed"
+                self.error = RuntimeError(msg)
+        return self.error
+
+
 STALL_S = 3.0  # seconds a worker may stay stopped during a step before rank 0 gives up on it
 
 
@@ -733,15 +760,15 @@ def _process_state(pid: int) -> str | None:
 
 def _watch_workers(ref: weakref.ref) -> None:
     """Rank 0's watchdog: a worker stopped for STALL_S seconds during a step is killed, so that
-    rank 0's collective fails now rather than after gloo's 120 s. Ends when the engine closes."""
+    rank 0's collective fails now rather than after gloo's 120 s. Ends when the workers close."""
     since = {}
-    while (engine := ref()) is not None and not engine.closed:
-        for rank, proc in enumerate(engine.workers, start=1):
-            if not (engine._ranks_busy and _process_state(proc.pid) in ("T", "t")):
+    while (workers := ref()) is not None and not workers.closed:
+        for rank, proc in enumerate(workers.procs, start=1):
+            if not (workers.busy and _process_state(proc.pid) in ("T", "t")):
                 since.pop(rank, None)
             elif time.monotonic() - since.setdefault(rank, time.monotonic()) > STALL_S:
                 why = f"it was stopped (SIGSTOP?) for {STALL_S:.0f} s during a step and was killed"
-                engine._stalled[rank] = why
+                workers.stalled[rank] = why
                 proc.kill()
-        del engine  # hold it only weakly while asleep
+        del workers  # hold them only weakly while asleep
         time.sleep(0.2)

@@ -213,3 +213,11 @@ class Scheduler:
                 seq, "stop"
             )  # running, or waiting if preempted while its token was on the device
         return filled
+
+    def preempt_all(self) -> None:
+        """Preempt every running sequence, newest first; free what a cut-short admission left."""
+        for seq in reversed(list(self.running)):
+            self.preempt(seq)
+        for seq in self.waiting:
+            self.block_manager.deallocate(seq)  # a no-op for a sequence that holds no block
+            seq.num_scheduled_tokens = 0

@@ -34,7 +34,7 @@ def test_same_outputs_with_every_kind_of_request(engines):
     for llm in (on, off):
         outs = llm.generate(ps, sps, use_tqdm=False)
         got[llm is on] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
-        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
         pool_is_sound(llm)
     assert got[True] == got[False]
     assert got[True][3][2] == "stop" and got[True][4][0] and len(got[True][4][0]) == 1
@@ -64,7 +64,7 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
         assert not llm.has_unfinished_requests()
         assert pending_seen == (llm is on)
         runs[llm is on] = [done.get(i, ("aborted", None)) for i in ids]
-        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert runs[True][0] == runs[False][0] and runs[True][2:] == runs[False][2:]
     assert all(len(t) == 18 for t, _ in [runs[True][0], *runs[True][2:]])
 
@@ -80,6 +80,6 @@ def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:4]
     assert all(s.is_finished for step in on.in_flight for s in step.seqs)
     assert on.step() == [] and not on.in_flight
-    assert on.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
+    assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
     nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     assert nxt.token_ids == first.token_ids
