@@ -5,14 +5,10 @@ LLMEngine runs requests step by step (add_request, step, abort_request); LLM add
 chat(). With tensor_parallel_size=N, ranks 1..N-1 run in worker processes.
 """
 
-import functools
 import json
-import multiprocessing as mp
-import operator
 import signal
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,10 +20,12 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import Launched, ModelRunner, free_port, prepare_batch, run_worker
+from cleanvllm.model_runner import Launched, ModelRunner, prepare_batch
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import PENDING, Scheduler
 from cleanvllm.sequence import Sequence
+from cleanvllm.stop_strings import StopMatcher, stop_matcher
+from cleanvllm.workers import Workers
 
 
 @dataclass
@@ -73,7 +71,7 @@ class _Request:
     prefix_offset: int = 0  # completion tokens [prefix_offset, read_offset) made the last text
     read_offset: int = 0
     stop_at: int | None = None  # where the stop string starts in text, once found
-    stops: "StopMatcher | None" = None  # the automaton of its stop strings
+    stops: StopMatcher | None = None  # the automaton of its stop strings
     stop_state: int = 0  # the automaton's state after text[:scanned]
     scanned: int = 0
 
@@ -150,8 +148,8 @@ class InputProcessor:
 
 
 class OutputProcessor:
-    """Sampled tokens in, text and RequestOutputs out. A stop string ends its
-    sequence through the scheduler."""
+    """Sampled tokens in, text and RequestOutputs out (a stop string ends its sequence through
+    the scheduler)."""
 
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
@@ -534,57 +532,6 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
-class StopMatcher:
-    """Aho-Corasick automaton of a set of stop strings. Its state after some text is the longest
-    ending of the text that begins a stop string; a character moves it in amortized O(1)."""
-
-    def __init__(self, stops: list[str]):
-        self.next: list[dict[str, int]] = [{}]  # the trie: state -> {character: next state}
-        depth, ends = [0], [0]  # each state's length; the length of a stop string ending there
-        for s in stops:
-            state = 0
-            for ch in s:
-                if ch not in self.next[state]:
-                    self.next[state][ch] = len(self.next)
-                    self.next.append({})
-                    depth.append(depth[state] + 1)
-                    ends.append(0)
-                state = self.next[state][ch]
-            ends[state] = len(s)
-        self.fail = [0] * len(self.next)  # the longest proper ending that is a state
-        self.found = ends  # the longest stop string that ends the state's text (0: none)
-        self.hold = [0] * len(self.next)  # the longest ending shorter than the stop it begins
-        queue = [0]
-        for state in queue:  # breadth first: fail links point to shorter states, done before
-            for ch, nxt in self.next[state].items():
-                f = self.fail[state]
-                while f and ch not in self.next[f]:
-                    f = self.fail[f]
-                self.fail[nxt] = self.next[f].get(ch, 0) if state else 0
-                self.found[nxt] = max(self.found[nxt], self.found[self.fail[nxt]])
-                self.hold[nxt] = depth[nxt] if self.next[nxt] else self.hold[self.fail[nxt]]
-                queue.append(nxt)
-
-    def feed(self, state: int, text: str, start: int) -> tuple[int, int | None]:
-        """Move through text[start:]; the new state, and where the earliest stop string that ends
-        in text[start:] begins (None if none does)."""
-        hit = None
-        for i in range(start, len(text)):
-            ch = text[i]
-            while state and ch not in self.next[state]:
-                state = self.fail[state]
-            state = self.next[state].get(ch, 0)
-            if self.found[state] and (hit is None or i + 1 - self.found[state] < hit):
-                hit = i + 1 - self.found[state]
-        return state, hit
-
-
-@functools.lru_cache(maxsize=32)
-def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
-    """The automaton of a stop set, shared by every request with that set (it keeps no state)."""
-    return StopMatcher(list(stops))
-
-
 @contextmanager
 def _sigint_deferred():
     """Hold a Ctrl-C until the block is done; a second one interrupts at once."""
@@ -629,146 +576,3 @@ class LLM(LLMEngine):
             for m in convs
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-
-class _SaysAlive:
-    """A pipe end that makes the worker send ("alive", None) as soon as it is rebuilt there."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __reduce__(self):  # rebuild: itemgetter(0)((conn,)) -> conn, then send(conn, "alive")
-        alive = ("alive", None)
-        return (operator.itemgetter(0), ((self.conn,),), alive, None, None, type(self.conn).send)
-
-
-class Workers:
-    """Ranks 1..N-1 in worker processes, watched: one that dies, fails or stays stopped is named."""
-
-    def __init__(self, config: Config):
-        """Spawn the workers and check that each runs; they meet rank 0 at self.port."""
-        self.procs, self.conns, self.stalled = [], [], {}  # stalled: rank -> why it was killed
-        self.busy = self.closed = False  # busy: the ranks may be inside a step's collectives
-        self.error: RuntimeError | None = None  # the first failure found, kept
-        self.port, ctx = free_port(), mp.get_context("spawn")
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
-        try:
-            for rank in range(1, config.tensor_parallel_size):
-                parent, child = ctx.Pipe()
-                args = (config, rank, self.port, _SaysAlive(child))
-                self.procs.append(ctx.Process(target=run_worker, args=args, daemon=True))
-                self.procs[-1].start()
-                child.close()
-                self.conns.append(parent)
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-        try:
-            self.expect("alive", timeout=120)
-        except BaseException:
-            self.close()
-            raise
-        threading.Thread(target=_watch_workers, args=(weakref.ref(self),), daemon=True).start()
-
-    def close(self) -> None:
-        """Ask each worker to stop (None down its pipe), kill one that does not; safe twice."""
-        if self.closed:
-            return
-        self.closed = True
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(0 if self.busy else 10)  # a worker stuck in a collective never exits
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
-
-    def expect(self, want: str, timeout: float) -> None:
-        """Wait for every worker to send `want`, watching each process, not only its pipe."""
-        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
-            deadline = time.monotonic() + timeout
-            while proc.is_alive() and not conn.poll(0.05) and time.monotonic() < deadline:
-                pass
-            try:
-                kind, info = conn.recv() if conn.poll() else (None, None)
-            except (EOFError, OSError):  # the worker died: its end of the pipe closed
-                kind, info = None, None
-                proc.join(5)  # let it finish dying, to report its exit code
-            if kind == want:
-                continue
-            if kind == "error":
-                raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {info}")
-            if proc.is_alive():
-                raise RuntimeError(
-                    f"tensor-parallel worker rank {rank} did not get {want} in {timeout} s"
-                )
-            hint = ""
-            if want == "alive":
-                hint = (
-                    " before running any engine code. In a script, create the engine under "
-                    '`if __name__ == "__main__":`: workers start by importing the script again '
-                    "(multiprocessing's spawn method). The worker's traceback is above."
-                )
-            raise RuntimeError(
-                f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}{hint}"
-            )
-
-    def send(self, batch) -> None:
-        """Send a step to every worker; the ranks are busy until the engine says otherwise."""
-        self.busy = True
-        for proc, conn in zip(self.procs, self.conns):
-            if not proc.is_alive():
-                raise RuntimeError("a tensor-parallel worker is gone")  # failure() names it
-            conn.send(batch)  # OSError: a broken pipe, the worker is gone
-
-    def failure(self) -> RuntimeError | None:
-        """The error of a worker that died or reported one, naming its rank; None if all are well."""
-        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
-            if self.error is not None:
-                break
-            proc.join(0.5)
-            try:
-                kind, cause = conn.recv() if conn.poll() else (None, None)
-            except (EOFError, OSError):
-                kind, cause = None, None
-            if kind != "error" and not proc.is_alive():
-                kind = "error"
-                cause = self.stalled.get(rank, f"the process exited with code {proc.exitcode}")
-            if kind == "error":
-                msg = f"tensor-parallel worker rank {rank} failed: {cause}; the engine is closed"
-                self.error = RuntimeError(msg)
-        return self.error
-
-
-STALL_S = 3.0  # seconds a worker may stay stopped during a step before rank 0 gives up on it
-
-
-def _process_state(pid: int) -> str | None:
-    """A process's one-letter state from /proc (Linux; "T": stopped), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _watch_workers(ref: weakref.ref) -> None:
-    """Rank 0's watchdog: a worker stopped for STALL_S seconds during a step is killed, so that
-    rank 0's collective fails now rather than after gloo's 120 s. Ends when the workers close."""
-    since = {}
-    while (workers := ref()) is not None and not workers.closed:
-        for rank, proc in enumerate(workers.procs, start=1):
-            if not (workers.busy and _process_state(proc.pid) in ("T", "t")):
-                since.pop(rank, None)
-            elif time.monotonic() - since.setdefault(rank, time.monotonic()) > STALL_S:
-                why = f"it was stopped (SIGSTOP?) for {STALL_S:.0f} s during a step and was killed"
-                workers.stalled[rank] = why
-                proc.kill()
-        del workers  # hold them only weakly while asleep
-        time.sleep(0.2)
