@@ -231,7 +231,7 @@ def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
         time.sleep(0.05)
     assert [str(a) for a in aborted] == [rid], "the hung-up request was not aborted"
     assert not llm.has_unfinished_requests()
-    assert llm.block_manager.num_free_blocks == total, "the aborted request kept KV blocks"
+    assert llm.scheduler.block_manager.num_free_blocks == total, "the aborted request kept KV blocks"
     out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
                                          extra_body={"ignore_eos": True})
     assert out.choices[0].text == refs["greedy"][0].text
@@ -321,7 +321,7 @@ def test_non_streamed_disconnect_aborts(server, monkeypatch):
     while llm.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(aborted) == 1, "the request of the client that hung up ran on to max_tokens"
-    assert llm.block_manager.num_free_blocks == total
+    assert llm.scheduler.block_manager.num_free_blocks == total
     out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
                                          extra_body={"ignore_eos": True})
     assert out.choices[0].text == refs["greedy"][0].text
