@@ -446,12 +446,11 @@ class LLMEngine:
     def _step_overlapped(self, outputs: dict, quiet) -> StepStats:
         """Launch the next step before collecting the one in flight: the GPU computes it while Python
         records the last one. Each call still returns the tokens of one step."""
-        drained = None
-        while self.in_flight and all(s.is_finished for s in self.in_flight[0].seqs):
-            drained = self._collect(outputs, quiet)  # all of it ended meanwhile: report, drop it
+        while self.in_flight and not any(s.seq_id in self.requests for s in self.in_flight[0].seqs):
+            self._collect(outputs, quiet)  # nobody waits for its tokens (aborted, stopped): drop it
         if not self.in_flight:  # nothing on the device: start a step first
             if self.scheduler.is_finished():
-                return drained or StepStats(False, 0, 0)
+                return StepStats(False, 0, 0)
             self._launch()
             self._count(self.in_flight[0])
         if not self.in_flight[0].stats.is_prefill and not self.scheduler.is_finished():
