@@ -570,10 +570,11 @@ class EngineState:
 
 def engine_state(engine: LLMEngine, request_ids: list[int] = ()) -> EngineState:
     """The engine's state, for the engine thread only. It reads engine.scheduler.running and
-    .waiting (their lengths), engine.block_manager.num_free_blocks, .blocks, .block_size, and
-    for each new request engine.requests[id].seq with block_manager._cached_prefix(seq), a pure
-    look-up of the prompt's blocks in the prefix cache as the request arrives."""
-    bm = engine.block_manager
+    .waiting (their lengths), engine.scheduler.block_manager.num_free_blocks, .blocks,
+    .block_size, and for each new request engine.requests[id].seq with the block manager's
+    _cached_prefix(seq), a pure look-up of the prompt's blocks in the prefix cache as the request
+    arrives."""
+    bm = engine.scheduler.block_manager  # the scheduler owns it
     seqs = [engine.requests[i].seq for i in request_ids if i in engine.requests]
     hits = sum(len(bm._cached_prefix(seq)) for seq in seqs) * bm.block_size
     used = 1 - bm.num_free_blocks / len(bm.blocks)
