@@ -259,3 +259,39 @@ def test_a_stopped_tensor_parallel_worker_is_named_within_seconds(tiny_model):
         if worker.is_alive():
             os.kill(worker.pid, signal.SIGKILL)
         engine.close()
+
+
+def test_a_tensor_parallel_worker_in_an_endless_loop_is_named_within_seconds(tiny_model, monkeypatch):
+    """A worker that is alive and running but never reaches the next collective (an endless loop)
+    used to hold rank 0 for gloo's 120 s: the watchdog sees it use a CPU while rank 0's stepping
+    thread waits, and after HANG_S (3 s here) kills it; the error names the rank and the engine
+    closes. The SIGSTOP check cannot see this worker: its state is "running"."""
+    import faults
+    import cleanvllm.workers as workers_module
+
+    monkeypatch.setattr(workers_module, "run_worker", faults.run_worker_that_loops_on_sigusr1)
+    monkeypatch.setattr(workers_module, "HANG_S", 3.0)
+    engine = LLM(tiny_model, tensor_parallel_size=2, **KW)
+    worker = engine.workers.procs[0]
+    looping = []
+
+    def loop_it():
+        looping.append(time.monotonic())
+        os.kill(worker.pid, signal.SIGUSR1)
+
+    timer = threading.Timer(1.0, loop_it)
+    try:
+        timer.start()
+        with pytest.raises(RuntimeError, match=r"worker rank 1 failed: it kept running") as e:
+            engine.generate(prompts([20, 30]), SamplingParams(temperature=0, max_tokens=400,
+                                                             ignore_eos=True), use_tqdm=False)
+        took = time.monotonic() - looping[0]
+        print(f"named after {took:.1f} s: {e.value}")
+        assert workers_module._process_state(worker.pid) in (None, "Z", "X"), "it should be killed"
+        assert took < 20, f"the looping worker was named after {took:.1f} s (gloo gives up at 120 s)"
+        assert engine.closed
+    finally:
+        timer.cancel()
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+        engine.close()
