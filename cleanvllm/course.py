@@ -167,9 +167,13 @@ def expect(actual: object, expected: object, what: str, *, atol: float | None = 
         import torch
     except ImportError:  # pragma: no cover - the course always has torch
         torch = None
-    if torch is not None and isinstance(actual, torch.Tensor | type(None)) and isinstance(expected, torch.Tensor):
-        if actual is None:
-            raise AssertionError(f"{what}: expected {_short(expected)}, got None")
+    tensors = torch is not None and (isinstance(actual, torch.Tensor) or isinstance(expected, torch.Tensor))
+    if tensors and not isinstance(actual, torch.Tensor):  # a list where a tensor belongs: say so
+        raise AssertionError(f"{what}: expected a tensor {_short(expected)}, got "
+                             f"{type(actual).__name__} {_short(actual)}")
+    if tensors:
+        if not isinstance(expected, torch.Tensor):  # a hand-written reference, e.g. a list
+            expected = torch.as_tensor(expected)
         if actual.shape != expected.shape:
             raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
         try:

@@ -25,6 +25,13 @@ def test_expect_names_what_was_compared_and_both_values():
         expect(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]), "rmsnorm")
     with pytest.raises(AssertionError, match=r"expected shape \(2,\), got \(3,\)"):
         expect(torch.zeros(3), torch.zeros(2), "logits")
+    # a tensor against a hand-written list is compared as tensors; a list where a tensor belongs
+    # is named as such (not "Boolean value of Tensor ... is ambiguous")
+    expect(torch.tensor([3, 4]), [3, 4], "positions")
+    with pytest.raises(AssertionError, match=r"positions: expected .*values=\[3, 5\].*got .*values=\[3, 4\]"):
+        expect(torch.tensor([3, 4]), [3, 5], "positions")
+    with pytest.raises(AssertionError, match=r"slots: expected a tensor tensor\(shape=\(2,\).*got list \[0, 1\]"):
+        expect([0, 1], torch.tensor([0, 1]), "slots")
     expect(0.1 + 0.2, 0.3, "sum", atol=1e-12)
     with pytest.raises(AssertionError, match="sum: expected 0.3, got 0.31"):
         expect(0.31, 0.3, "sum", atol=1e-3)

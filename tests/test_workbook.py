@@ -129,3 +129,28 @@ def test_make_check_names_the_task_of_a_seeded_mistake(chapter, index, mistake, 
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert out.returncode != 0, f"make check CH={chapter} passed with this mistake: {mistake['why']}"
     assert f"Task {mistake['task']}" in out.stdout, out.stdout[-3000:]
+
+
+def test_make_workbook_keeps_a_learners_work_unless_forced(tmp_path):
+    """A workbook chapter the learner wrote in is not overwritten when its reference changes;
+    --force (FORCE=1) regenerates it."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    mine = clone / "workbook" / "03_memory.ipynb"
+    nb = nbformat.read(mine, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("my_answer = 42  # the learner's own cell"))
+    nbformat.write(nb, mine)
+    ref = clone / "notebooks" / "03_memory.ipynb"  # the reference changes too: a new last cell
+    nb = nbformat.read(ref, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A note added to the reference."))
+    nbformat.write(nb, ref)
+    run = [sys.executable, "tools/workbook.py", "03"]
+    out = subprocess.run(run, cwd=clone, capture_output=True, text=True, check=True).stdout
+    assert "kept workbook/03_memory.ipynb: it holds your work" in out, out
+    assert "my_answer = 42" in mine.read_text(), "the learner's cell should still be there"
+    out = subprocess.run(run + ["--force"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    assert "wrote workbook/03_memory.ipynb" in out, out
+    text = mine.read_text()
+    assert "my_answer = 42" not in text and "A note added to the reference." in text, (
+        "--force should regenerate the chapter from the changed reference"
+    )

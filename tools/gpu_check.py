@@ -5,13 +5,13 @@
     python3 tools/gpu_check.py run         # there: install offline, run everything, one table last
 
 What `run` runs, on the GPU, and prints as one table at the end:
-  - every chapter notebook as a learner runs it (nbmake), with the default models;
+  - first, alone on the GPU: the benchmark, the profile, the batch sweep and the serving benchmark,
+    with the bandwidth floors they measure;
+  - then, side by side: every chapter notebook as a learner runs it (nbmake), with the default models;
   - every chapter again with CLEANVLLM_MODEL set to a Qwen3-0.6B-shaped random checkpoint;
   - every chapter with solutions/NN_*.py in its exercise cells
     (tests/test_notebooks.py::test_each_cell_twice_each_task_alone_and_the_solutions);
-  - the GPU tests (tests/test_attention.py tests/test_fused.py tests/test_gpu.py);
-  - then alone on the GPU: the benchmark, the profile, the batch sweep and the serving benchmark,
-    with the bandwidth floors they measure.
+  - the GPU tests (tests/test_attention.py tests/test_fused.py tests/test_gpu.py).
 The notebook runs and the GPU tests go up to JOBS at a time, within 90 % of the card's memory, each
 seeing only its share of it (tools/gpu_share); the four measurements run one after the other with
 the GPU to themselves.
@@ -298,7 +298,7 @@ def chapter_jobs(py: str, qwen: str | None) -> list[tuple]:
         engine = ch >= "06"  # from chapter 6 on, chapters load the model and build engines on the GPU
         jobs.append((ch, "default", nbmake, {}, 8 if engine else 4))
         if qwen:
-            jobs.append((ch, "Qwen3-0.6B", nbmake, {"CLEANVLLM_MODEL": qwen}, 20 if engine else 6))
+            jobs.append((ch, "Qwen3-0.6B", nbmake, {"CLEANVLLM_MODEL": qwen}, 12 if engine else 6))
         jobs.append((ch, "solutions", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                      f"tests/test_notebooks.py::test_each_cell_twice_each_task_alone_and_the_solutions[{ch}]"], {},
                      8 if engine else 4))
@@ -338,7 +338,14 @@ def side_by_side(jobs: list[tuple], run_one, slots: int, gib: float) -> dict:
     return results
 
 
-LONG_FIRST = ["09", "08", "10", "11", "07", "01", "06", "02", "05", "03", "04"]
+# Seconds each run took side by side on an H100 at 6d75082 (2026-12-06): the longest start first,
+# so the last to finish is not a long one started late.
+SECONDS_SEEN = {"default": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
+                                    (50, 24, 26, 25, 27, 55, 82, 52, 80, 129, 48))),
+                "Qwen3-0.6B": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
+                                       (95, 25, 26, 25, 37, 61, 101, 135, 49, 231, 61))),
+                "solutions": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
+                                      (88, 32, 48, 45, 63, 99, 153, 93, 163, 234, 92)))}
 
 
 def pretty(x, fmt="{:,.0f}"):
@@ -458,20 +465,19 @@ def run(args) -> int:
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
 
-    # 1. Side by side: the chapters three ways, and the GPU tests.
+    # The runs side by side: the chapters three ways, and the GPU tests.
     share = dict(env, PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], str(ROOT / "tools" / "gpu_share")]))
     jobs = chapter_jobs(py, None if args.no_qwen else qwen)
-    jobs.sort(key=lambda j: (LONG_FIRST.index(j[0]) if j[0] in LONG_FIRST else 99, j[1]))
+    jobs.sort(key=lambda j: -SECONDS_SEEN.get(j[1], {}).get(j[0], 60))
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
     if args.ways:
         jobs = [j for j in jobs if j[1] in args.ways.split(",")]
     jobs = [(*j[:4], min(j[4], room_gib)) for j in jobs]  # a small card: one big job at a time
-    jobs.sort(key=lambda j: -j[4])  # the big ones first: they wait longest for room
     gpu_tests = ("GPU tests", "tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                         "tests/test_attention.py", "tests/test_fused.py", "tests/test_gpu.py"], {}, min(8, room_gib))
     if not args.only:
-        jobs.insert(2, gpu_tests)
+        jobs.insert(1, gpu_tests)  # 125 s at 6d75082
 
     def one(job):
         ch, how, cmd, extra, gib = job
@@ -484,12 +490,14 @@ def run(args) -> int:
         return (ch, how), {"ok": rc == 0, "seconds": secs, "why": "" if rc == 0 else why(log),
                            "log": log.name}
 
+    # 1. Alone on the GPU: the measurements (first, so that their numbers come back even when a
+    # lent machine's time runs out during the chapters).
+    rows = [] if args.skip_bench else measurements(py, env, logs, qwen, args)
+
+    # 2. Side by side: the chapters three ways, and the GPU tests.
     t1 = time.perf_counter()
     results = side_by_side(jobs, one, args.jobs, room_gib)
     parallel_s = time.perf_counter() - t1
-
-    # 2. Alone on the GPU: the measurements.
-    rows = [] if args.skip_bench else measurements(py, env, logs, qwen, args)
 
     # The table, last.
     total = time.perf_counter() - t0
@@ -512,7 +520,7 @@ def run(args) -> int:
     print(f"gpu-check: {facts['device']}; commit {facts['commit']}")
     print("chapter 10's model:", facts["chapter 10's model"])
     print(f"chapters and GPU tests side by side, up to {args.jobs} at a time within {room_gib:.0f} GiB "
-          f"of GPU memory (each sees only its share: 4-8 GiB, 20 GiB for Qwen3-0.6B from chapter 6 on): "
+          f"of GPU memory (each sees only its share: 4-8 GiB, 12 GiB for Qwen3-0.6B from chapter 6 on): "
           f"{parallel_s:.0f} s")
     print()
     print("| chapter | " + " | ".join(hows) + " |")
@@ -547,7 +555,7 @@ def main() -> int:
     sub.add_parser("stage", help="there: keep the wheels that traveled with this call")
     r = sub.add_parser("run", help="there: install offline, run everything, print the table")
     r.add_argument("--python", default=os.environ.get("GPU_PY", "python3"), help="the GPU's python")
-    r.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_JOBS", "8")))
+    r.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_JOBS", "10")))
     r.add_argument("--timeout", type=int, default=420, help="seconds for any one run")
     r.add_argument("--peer-seqs", type=int, default=int(os.environ.get("GPU_PEER_SEQS", "0")),
                    help="transformers' continuous batching on the first N requests (slow: 0 skips)")
