@@ -161,6 +161,10 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
 
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_simple", None)  # a field changed: `simple` is worked out again
+
     @property
     def greedy(self) -> bool:
         """Argmax sampling: temperature 0, or so small that logits / temperature would overflow."""
@@ -173,6 +177,10 @@ class SamplingParams:
 
     @property
     def simple(self) -> bool:
-        """Temperature only: no filter, penalty, bias or seed, no logprobs (a CUDA graph samples it)."""
-        filters = self.top_k != -1 or self.top_p != 1 or self.min_p != 0 or self.seed is not None
-        return not (filters or self.penalized or self.logit_bias or self.logprobs is not None)
+        """Temperature only: no filter, penalty, bias or seed, no logprobs (a CUDA graph samples it).
+        Worked out once: the model runner asks at every step, for every sequence."""
+        if (simple := self.__dict__.get("_simple")) is None:
+            filters = self.top_k != -1 or self.top_p != 1 or self.min_p != 0 or self.seed is not None
+            simple = not (filters or self.penalized or self.logit_bias or self.logprobs is not None)
+            self.__dict__["_simple"] = simple  # past __setattr__, which would drop it again
+        return simple

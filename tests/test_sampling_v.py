@@ -205,3 +205,16 @@ def test_output_shape_is_vllms():
     assert [f for f in RequestOutput.__dataclass_fields__] == [
         "request_id", "prompt", "prompt_token_ids", "prompt_logprobs", "outputs", "finished",
         "num_cached_tokens", "metrics"]
+
+
+def test_simple_is_kept_but_follows_a_changed_field():
+    sp = SamplingParams(temperature=0.7)
+    assert sp.simple and is_plain(sp, 0)
+    for field, value in [("logprobs", 1), ("presence_penalty", 0.5), ("logit_bias", {3: 1.0}), ("top_p", 0.9)]:
+        sp = SamplingParams(temperature=0.7)
+        assert sp.simple
+        setattr(sp, field, value)
+        assert not sp.simple and not is_plain(sp, 0), field
+    import copy as _copy
+    sp = SamplingParams(temperature=0.7)
+    assert sp.simple and _copy.copy(sp).simple and not _copy.copy(SamplingParams(seed=1)).simple
