@@ -46,7 +46,7 @@ lint: check-export ## export and workbook in sync, notebooks formatted and commi
 	$(PY) tools/workbook.py --check
 
 test-py: setup ## unit tests and the course's rules (own code, small steps, solutions)
-	$(PY) -m pytest tests/ -q -n $(JOBS)
+	$(PY) -m pytest tests/ -q -n $(JOBS) --durations=15
 
 test-nb: setup ## execute every chapter notebook as a learner would
 	$(PY) -m pytest --nbmake notebooks/ -q -n $(JOBS)

@@ -160,13 +160,3 @@ class BlockManager:
             if not fresh:
                 raise RuntimeError(f"no free block for {seq}: call can_append first")
             self._assign(seq, [], fresh)
-
-    def reserve_ahead(self, seqs: list[Sequence]) -> bool:
-        """Room for the token after each sequence's newest one (index len(seq)): open the blocks those
-        tokens start, for every sequence or, when too few blocks are free, for none (False)."""
-        opening = [s for s in seqs if len(s.block_table) * self.block_size <= len(s)]
-        if len(opening) > len(self.free_block_ids):
-            return False
-        for seq in opening:
-            self._assign(seq, [], self._free_blocks_to_take(1, keep=[]))
-        return True

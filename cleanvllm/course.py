@@ -87,7 +87,14 @@ def _track_cells() -> None:
             _ran[_current[0]] = info.raw_cell
 
     ip.events.register("pre_run_cell", record)
+    ip.set_custom_exc((CheckFailed,), _show_check_failed)
     ip._cleanvllm_tracking = True
+
+
+def _show_check_failed(shell, etype, value, tb, tb_offset=None):
+    """A wrong value is shown as its one-line message (task, input, expected, actual), without the
+    frames of this module; when the learner's code raised, its traceback is shown in full."""
+    shell.showtraceback((etype, value, tb), tb_offset=tb_offset, exception_only=value.__cause__ is None)
 
 
 def _tool(name: str):
@@ -163,6 +170,7 @@ def expect(actual: object, expected: object, what: str, *, atol: float | None = 
     Tensors are compared with torch.testing.assert_close (give atol/rtol for low precision); floats
     with math.isclose when a tolerance is given; everything else with ==.
     """
+    __tracebackhide__ = True  # pytest: a mismatch points at the check's line, not in here
     try:
         import torch
     except ImportError:  # pragma: no cover - the course always has torch

@@ -5,14 +5,10 @@ LLMEngine runs requests step by step (add_request, step, abort_request); LLM add
 chat(). With tensor_parallel_size=N, ranks 1..N-1 run in worker processes.
 """
 
-import functools
 import json
-import multiprocessing as mp
-import operator
 import signal
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,17 +20,12 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import (
-    ModelRunner,
-    StepBatch,
-    decode_batch,
-    free_port,
-    prepare_batch,
-    run_worker,
-)
+from cleanvllm.model_runner import Launched, ModelRunner, prepare_batch
 from cleanvllm.sampling_params import SamplingParams
-from cleanvllm.scheduler import Scheduler
-from cleanvllm.sequence import Sequence, SequenceStatus
+from cleanvllm.scheduler import PENDING, Scheduler
+from cleanvllm.sequence import Sequence
+from cleanvllm.stop_strings import StopMatcher, stop_matcher
+from cleanvllm.workers import Workers
 
 
 @dataclass
@@ -61,6 +52,16 @@ class StepStats:
 
 
 @dataclass
+class InFlight:
+    """A step launched and not yet collected: its sequences (in row order), the runner's handle,
+    and what it computes."""
+
+    seqs: list[Sequence]
+    launched: Launched
+    stats: StepStats
+
+
+@dataclass
 class _Request:
     """The engine's record of a request: its sequence and its incremental detokenizer."""
 
@@ -70,60 +71,16 @@ class _Request:
     prefix_offset: int = 0  # completion tokens [prefix_offset, read_offset) made the last text
     read_offset: int = 0
     stop_at: int | None = None  # where the stop string starts in text, once found
-    stops: "StopMatcher | None" = None  # the automaton of its stop strings (step 7)
+    stops: StopMatcher | None = None  # the automaton of its stop strings
     stop_state: int = 0  # the automaton's state after text[:scanned]
     scanned: int = 0
 
 
-class LLMEngine:
-    """Scheduler + block manager + model runner(s) behind vLLM's request API."""
+class InputProcessor:
+    """Prompts and sampling parameters in, checked requests out; no engine state."""
 
-    def __init__(self, model: str, **kwargs):
-        allowed = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {sorted(allowed)}")
-        self.closed, self.workers, self.conns, self._ranks_busy = True, [], [], False
-        self._lock, self._owner, self._inbox = threading.Lock(), None, []  # threads (step 4)
-        self.config = config = Config(model, **kwargs)
-        if config.tensor_parallel_size > 1 and dist.is_initialized():
-            raise RuntimeError(
-                "torch.distributed is already initialized in this process (another engine with "
-                "tensor_parallel_size > 1 is open?): close it first; one process holds one such engine"
-            )
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        config.eos_token_ids = self._eos_ids()
-        self.closed = False
-        try:
-            port = self._start_workers() if config.tensor_parallel_size > 1 else None
-            self.runner = ModelRunner(config, 0, port)
-            for rank in range(1, config.tensor_parallel_size):
-                self._expect(rank, "ready", timeout=300)
-        except BaseException:
-            self.close()
-            raise
-        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
-        limits = config.max_num_seqs, config.max_num_batched_tokens
-        self.scheduler = Scheduler(*limits, self.block_manager, config.eos_token_ids)
-        self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
-        self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
-        self.last_step: StepStats | None = None
-        self.pending, self._generating = None, set()  # step 5b; ids a generate() call waits for
-
-    def _eos_ids(self) -> list[int]:
-        """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
-        ids = set()
-        for name in ("generation_config.json", "config.json"):
-            path = Path(self.config.model) / name
-            if path.is_file():
-                try:
-                    eos = json.loads(path.read_text()).get("eos_token_id")
-                except ValueError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from None
-                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+    def __init__(self, config: Config, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
 
     def parse_prompt(self, prompt, index: int = 0) -> tuple[list[int], str | None]:
         """(token ids, prompt text or None) of a string, a token list, or vLLM's prompt dicts."""
@@ -165,6 +122,169 @@ class LLMEngine:
                 f"prompt {index} has {len(token_ids)} tokens; with max_tokens={sp.max_tokens} "
                 f"that is {len(token_ids) + sp.max_tokens} > max_model_len={c.max_model_len}"
             )
+
+    def request(self, prompt, sp: SamplingParams, index: int = 0) -> _Request:
+        """The checked request of one prompt (index names it in errors)."""
+        token_ids, text = self.parse_prompt(prompt, index)
+        self.check_request(token_ids, sp, index)
+        req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), text)
+        req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None
+        return req
+
+    def requests(self, prompts, sampling_params) -> list[_Request]:
+        """One request per prompt, every one checked before any is returned."""
+        if not isinstance(prompts, (list, tuple)) or all(isinstance(t, int) for t in prompts):
+            prompts = [prompts]  # one prompt: a string, a dict or a list of token ids
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(params)} sampling params; "
+                "pass one SamplingParams or one per prompt"
+            )
+        return [self.request(prompt, sp, i) for i, (prompt, sp) in enumerate(zip(prompts, params))]
+
+
+class OutputProcessor:
+    """Sampled tokens in, text and RequestOutputs out (a stop string ends its sequence through
+    the scheduler)."""
+
+    def __init__(self, tokenizer, scheduler: Scheduler):
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    def _detokenize(self, req: _Request, final: bool = False) -> None:
+        """Append the text of req's new completion tokens, decoding only a short window."""
+        seq, decode = req.seq, self.tokenizer.decode
+        start = seq.num_prompt_tokens
+        window = seq.token_ids[start + req.prefix_offset :]
+        seen = decode(window[: req.read_offset - req.prefix_offset], skip_special_tokens=True)
+        text = decode(window, skip_special_tokens=True)
+        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
+            req.text += text[len(seen) :]
+            req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
+
+    def update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
+        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
+        seq, sp = req.seq, req.seq.sampling_params
+        if quiet and not sp.stop and not seq.is_finished:
+            return None  # the common case in generate(): nothing to decode until the end
+        self._detokenize(req)
+        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
+            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
+            req.scanned = len(req.text)
+            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
+                req.stop_at = hit
+                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
+        if seq.is_finished:
+            if req.stop_at is None:
+                self._detokenize(req, final=True)
+            text = req.text[: req.stop_at]  # text[:None] is the whole text
+        elif quiet:
+            return None
+        else:
+            held = req.stops.hold[req.stop_state] if sp.stop else 0
+            text = req.text[: len(req.text) - held]
+        return self.output(req, text)
+
+    def output(self, req: _Request, text: str) -> RequestOutput:
+        """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
+        seq = req.seq
+        token_ids = seq.completion_token_ids
+        if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
+            token_ids.pop()
+        reason = seq.finish_reason if seq.is_finished else None
+        return RequestOutput(
+            seq.seq_id,
+            req.prompt,
+            seq.prompt_token_ids,
+            text,
+            token_ids,
+            seq.is_finished,
+            reason,
+            seq.num_preemptions,
+        )
+
+
+class LLMEngine:
+    """The core loop behind vLLM's request API: requests in, steps run by the scheduler and the
+    model runner(s), outputs out."""
+
+    def __init__(self, model: str, **kwargs):
+        allowed = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {sorted(allowed)}")
+        self.closed, self.workers = True, None
+        self._lock, self._owner, self._inbox = threading.Lock(), None, []  # see owned()
+        self.config = config = Config(model, **kwargs)
+        if config.tensor_parallel_size > 1 and dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is already initialized in this process (another engine with "
+                "tensor_parallel_size > 1 is open?): close it first; one process holds one such engine"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        config.eos_token_ids = self._eos_ids()
+        self.closed = False
+        try:
+            self.workers = Workers(config) if config.tensor_parallel_size > 1 else None
+            self.runner = ModelRunner(config, 0, self.workers and self.workers.port)
+            if self.workers:
+                self.workers.expect("ready", timeout=300)
+        except BaseException:
+            self.close()
+            raise
+        blocks = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
+        limits = config.max_num_seqs, config.max_num_batched_tokens
+        self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
+        self.inputs = InputProcessor(config, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
+        self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
+        self.last_step: StepStats | None = None
+        self._generating: set[int] = set()  # ids a generate() call waits for
+        self.overlap = config.async_scheduling and self.workers is None  # which loop step() runs
+        self.in_flight: list[InFlight] = []  # steps launched and not yet collected (overlap)
+
+    def _eos_ids(self) -> list[int]:
+        """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
+        ids = set()
+        for name in ("generation_config.json", "config.json"):
+            path = Path(self.config.model) / name
+            if path.is_file():
+                try:
+                    eos = json.loads(path.read_text()).get("eos_token_id")
+                except ValueError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from None
+                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def close(self) -> None:
+        """Stop the workers and free the model and KV cache; safe to call twice."""
+        if getattr(self, "closed", True):
+            return
+        with self.owned():  # never under a step of another thread
+            self.closed, self.in_flight = True, []
+        if self.workers:
+            self.workers.close()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
+            runner.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _check_open(self) -> None:
         if self.closed:
@@ -213,17 +333,11 @@ class LLMEngine:
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
         """Validate one request and queue it; return its id. It runs in the next step()s."""
         self._check_open()
-        sp = SamplingParams() if sampling_params is None else sampling_params
-        token_ids, text = self.parse_prompt(prompt)
-        self.check_request(token_ids, sp)
-        req = self._new_request(token_ids, sp, text)
+        req = self.inputs.request(
+            prompt, SamplingParams() if sampling_params is None else sampling_params
+        )
         self._command("add", req)
         return req.seq.seq_id
-
-    def _new_request(self, token_ids: list[int], sp: SamplingParams, prompt: str | None) -> _Request:
-        req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), prompt)
-        req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None  # step 7
-        return req
 
     def _enqueue(self, req: _Request) -> int:
         self.requests[req.seq.seq_id] = req  # first: an interrupt after this line loses nothing
@@ -241,16 +355,7 @@ class LLMEngine:
         self.requests.pop(request_id, None)
         self.unreported.pop(request_id, None)
         if req is not None and request_id in self._generating:  # a generate() call waits for it
-            s = req.seq
-            out = (
-                s.prompt_token_ids,
-                req.text,
-                s.completion_token_ids,
-                True,
-                "abort",
-                s.num_preemptions,
-            )
-            self.unreported[request_id] = RequestOutput(request_id, req.prompt, *out)
+            self.unreported[request_id] = self.outputs.output(req, req.text)
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step() (queued ones included)."""
@@ -259,172 +364,124 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return an output for every request that got a token (finished ones too)."""
-        with self.owned():  # one thread at a time (step 4)
+        with self.owned():  # one thread at a time
             return self._step(quiet=frozenset())
 
     def _step(self, quiet: frozenset | dict) -> list[RequestOutput]:
         self._check_open()
-        self._take_inbox()  # adds and aborts from other threads, applied between steps (step 4)
+        self._take_inbox()  # adds and aborts from other threads, applied between steps
         outputs, self.unreported = self.unreported, {}
-        if self.pending and not any(s.status == SequenceStatus.RUNNING for s in self.pending[0]):
-            self.runner.collect(self.pending[1])  # every sequence of it ended meanwhile: wait, drop it
-            self.pending = None
-        if self.pending is None and not self.scheduler.waiting and not self.scheduler.running:
-            self.last_step = StepStats(False, 0, 0)
-            return list(outputs.values())
         try:
             with _sigint_deferred():
-                if self.pending is None:
-                    seqs, is_prefill = self.scheduler.schedule()
-                    batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-                    if is_prefill or self.workers or not self.config.async_scheduling:  # run it now
-                        self._take_tokens(seqs, self._execute(batch), outputs, quiet, ahead=False)
-                        self.last_step = StepStats(is_prefill, len(batch.input_ids), len(seqs))
-                        return list(outputs.values())
-                    self.pending = (seqs, self.runner.launch(batch), False)
-                seqs, launched, ahead = self.pending
-                self.pending = self._launch_ahead(seqs, launched)  # before we wait for `launched`
-                n = self._take_tokens(seqs, self.runner.collect(launched), outputs, quiet, ahead)
+                run = self._step_overlapped if self.overlap else self._step_sync
+                self.last_step = run(outputs, quiet)
         except BaseException:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
-        self.last_step = StepStats(False, n, n)
         return list(outputs.values())
 
-    def _take_tokens(self, seqs: list, token_ids: list[int], outputs: dict, quiet, ahead: bool) -> int:
-        """Record a step's tokens. A sequence that finished or was aborted while its decode step ran
-        (launched ahead, step 5b) is no longer running: its token is dropped. Returns the tokens kept."""
-        if ahead:  # its sequences' bookkeeping is one token behind: it counts that token now
-            kept = [(s, t) for s, t in zip(seqs, token_ids) if s.status == SequenceStatus.RUNNING]
-            seqs, token_ids = [s for s, _ in kept], [t for _, t in kept]
-            for seq in seqs:
-                seq.num_scheduled_tokens = 1
+    def _step_sync(self, outputs: dict, quiet) -> StepStats:
+        """The article's loop: schedule, run the model (on every rank), record the tokens."""
+        if self.scheduler.is_finished():
+            return StepStats(False, 0, 0)
+        seqs, is_prefill = self.scheduler.schedule()
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        token_ids = self._execute(batch)
         lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
-        for seq, n in zip(seqs, lengths):
-            if len(seq.token_ids) > n:  # it got a token
-                out = self._update(self.requests[seq.seq_id], seq.seq_id in quiet)
-                if out is not None:
-                    outputs[seq.seq_id] = out
-                if seq.is_finished:  # reported: the engine forgets it
-                    del self.requests[seq.seq_id]
-        return len(seqs)
+        self._report([s for s, n in zip(seqs, lengths) if len(s.token_ids) > n], outputs, quiet)
+        return StepStats(is_prefill, len(batch.input_ids), len(seqs))
+
+    def _report(self, seqs: list[Sequence], outputs: dict, quiet) -> None:
+        """Outputs for the sequences that got a token; a finished request is reported, then forgotten.
+        A sequence aborted while its step ran has no request any more: nothing to report."""
+        for seq in seqs:
+            req = self.requests.get(seq.seq_id)
+            if req is None:
+                continue
+            out = self.outputs.update(req, seq.seq_id in quiet)
+            if out is not None:
+                outputs[seq.seq_id] = out
+            if seq.is_finished:
+                del self.requests[seq.seq_id]
 
     def _execute(self, batch) -> list[int]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
-        self._ranks_busy = True  # until all ranks are through this step
-        for rank, conn in enumerate(self.conns, start=1):
-            self._send(rank, conn, batch)
+        if not self.workers:
+            return self.runner.execute(batch)
         try:
+            self.workers.send(batch)  # they start at once
             token_ids = self.runner.execute(batch)
         except Exception:
-            self._check_workers()  # a dead worker explains the failure better: raise naming it
+            if (error := self.workers.failure()) is not None:  # a dead worker explains it better
+                self.close()
+                raise error from None
             raise
-        self._ranks_busy = False
+        self.workers.busy = False
         return token_ids
 
-    def _launch_ahead(self, seqs: list[Sequence], launched):
-        """Launch the next decode step behind `launched` (still running) when schedule_ahead allows;
-        the new pending step, or None."""
-        go = self.scheduler.schedule_ahead(seqs)
-        if go is None:
-            return None
-        row = {s.seq_id: i for i, s in enumerate(seqs)}
-        batch = prepare_ahead(go, self.config.kvcache_block_size)
-        return go, self.runner.launch(batch, launched, [row[s.seq_id] for s in go]), True
+    def _launch(self) -> None:
+        """Schedule a step and launch it behind those in flight (it reads their PENDING tokens on the
+        device); it is counted later, by _count."""
+        seqs, is_prefill = self.scheduler.schedule()
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        stats = StepStats(is_prefill, len(batch.input_ids), len(seqs))
+        self.in_flight.append(InFlight(seqs, self.runner.launch(batch), stats))
 
-    def _detokenize(self, req: _Request, final: bool = False) -> None:
-        """Append the text of req's new completion tokens, decoding only a short window."""
-        seq, decode = req.seq, self.tokenizer.decode
-        start = seq.num_prompt_tokens
-        window = seq.token_ids[start + req.prefix_offset :]
-        seen = decode(window[: req.read_offset - req.prefix_offset], skip_special_tokens=True)
-        text = decode(window, skip_special_tokens=True)
-        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
-            req.text += text[len(seen) :]
-            req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
+    def _count(self, step: InFlight) -> None:
+        """Record a launched step before its tokens are known: each is PENDING, so that the scheduler
+        can plan the next step. A sequence that stopped since it was scheduled is left out."""
+        live = [s for s in step.seqs if not s.is_finished]
+        self.scheduler.postprocess(live, [PENDING] * len(live))
 
-    def _update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
-        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
-        seq, sp = req.seq, req.seq.sampling_params
-        if quiet and not sp.stop and not seq.is_finished:
-            return None  # the common case in generate(): nothing to decode until the end
-        self._detokenize(req)
-        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
-            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
-            req.scanned = len(req.text)
-            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
-                req.stop_at = hit
-                if seq.is_finished:  # EOS or the last allowed token completed the stop string
-                    seq.finish_reason = "stop"
-                else:
-                    self.scheduler.finish(seq, "stop")
-        if seq.is_finished:
-            if req.stop_at is None:
-                self._detokenize(req, final=True)
-            text = req.text[: req.stop_at]  # text[:None] is the whole text
-        elif quiet:
-            return None
-        else:
-            held = req.stops.hold[req.stop_state] if sp.stop else 0
-            text = req.text[: len(req.text) - held]
-        return RequestOutput(
-            seq.seq_id,
-            req.prompt,
-            seq.prompt_token_ids,
-            text,
-            seq.completion_token_ids,
-            seq.is_finished,
-            seq.finish_reason if seq.is_finished else None,
-            seq.num_preemptions,
-        )
+    def _collect(self, outputs: dict, quiet) -> StepStats:
+        """Wait for the oldest step in flight, write its tokens over their PENDING, report them."""
+        step = self.in_flight[0]
+        filled = self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+        self._report(filled, outputs, quiet)
+        self.in_flight.pop(0)
+        return step.stats
+
+    def _step_overlapped(self, outputs: dict, quiet) -> StepStats:
+        """Launch the next step before collecting the one in flight: the GPU computes it while Python
+        records the last one. Each call still returns the tokens of one step."""
+        if not self.in_flight:  # nothing on the device: start a step first
+            if self.scheduler.is_finished():
+                return StepStats(False, 0, 0)
+            self._launch()
+            self._count(self.in_flight[0])
+        if not self.scheduler.is_finished():
+            self._launch()
+        stats = self._collect(outputs, quiet)
+        if self.in_flight:  # after the collect: it may have stopped some of this step's sequences
+            self._count(self.in_flight[0])
+        return stats
 
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
-        if self.pending is not None:  # a step launched ahead: dropped, its sequences are recomputed
-            self.pending = None
-            if self.config.device == "cuda" and not self.closed:
-                torch.cuda.synchronize()  # no copy of it may still read the host buffers we reuse
-        if self.workers and self._ranks_busy:  # ranks may be out of step: never risk wrong output
+        try:
+            for step in self.in_flight:  # a launched step's tokens are right: keep them
+                self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+            if self.config.device == "cuda":
+                torch.cuda.synchronize()  # a launch cut short may still copy from buffers we reuse
+        except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing
+            self.close()
+        self.in_flight = []
+        if self.workers and self.workers.busy:  # ranks may be out of step: never risk wrong output
             self.close()
         if self.closed:
             return
-        for seq in reversed(list(self.scheduler.running)):  # recompute them from their tokens
-            self.scheduler.preempt(seq)
-        for seq in self.scheduler.waiting:  # an admission cut short may have left blocks behind
-            if seq.block_table:
-                self.block_manager.deallocate(seq)
-            seq.num_scheduled_tokens = 0
+        self.scheduler.preempt_all()  # recomputed from their tokens, which are never wrong
         for rid, req in list(self.requests.items()):  # finished in the step but not reported
             if req.seq.is_finished:
-                self.unreported[rid] = self._update(req)
+                self.unreported[rid] = self.outputs.update(req)
                 del self.requests[rid]
-
-    def _new_requests(self, prompts, sampling_params) -> list[_Request]:
-        """One _Request per prompt, every one checked; nothing is added to the engine yet."""
-        if not isinstance(prompts, (list, tuple)) or all(isinstance(t, int) for t in prompts):
-            prompts = [prompts]  # one prompt: a string, a dict or a list of token ids
-        if isinstance(sampling_params, (list, tuple)):
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(
-                f"got {len(prompts)} prompts but {len(params)} sampling params; "
-                "pass one SamplingParams or one per prompt"
-            )
-        reqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            token_ids, text = self.parse_prompt(prompt, i)
-            self.check_request(token_ids, sp, i)
-            reqs.append(self._new_request(token_ids, sp, text))
-        return reqs
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order. Every request is checked first."""
-        with self.owned():  # one thread at a time (step 4)
-            reqs = self._new_requests(prompts, sampling_params)  # checks all before any is added
+        with self.owned():  # one thread at a time
+            reqs = self.inputs.requests(prompts, sampling_params)  # checks all before any is added
             return self._generate(reqs, use_tqdm)
 
     def _generate(self, reqs: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
@@ -459,117 +516,6 @@ class LLMEngine:
             bar.close()
         return results
 
-    def _start_workers(self) -> int:
-        """Spawn ranks 1..N-1, check that each runs; return the rendezvous port."""
-        port, ctx = free_port(), mp.get_context("spawn")
-        self._stalled = {}  # rank -> why the watchdog killed it
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
-        try:
-            for rank in range(1, self.config.tensor_parallel_size):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=run_worker, args=(self.config, rank, port, _SaysAlive(child)), daemon=True
-                )
-                proc.start()
-                child.close()
-                self.workers.append(proc)
-                self.conns.append(parent)
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-        for rank in range(1, self.config.tensor_parallel_size):
-            self._expect(rank, "alive", timeout=120)
-        watchdog = threading.Thread(target=_watch_workers, args=(weakref.ref(self),), daemon=True)
-        watchdog.start()
-        return port
-
-    def _expect(self, rank: int, want: str, timeout: float) -> None:
-        """Wait for worker `rank` to send `want`, watching the process, not only its pipe."""
-        proc, conn = self.workers[rank - 1], self.conns[rank - 1]
-        deadline = time.monotonic() + timeout
-        while proc.is_alive() and not conn.poll(0.05) and time.monotonic() < deadline:
-            pass
-        try:
-            kind, info = conn.recv() if conn.poll() else (None, None)
-        except (EOFError, OSError):  # the worker died: its end of the pipe closed
-            kind, info = None, None
-            proc.join(5)  # let it finish dying, to report its exit code
-        if kind == want:
-            return
-        if kind == "error":
-            raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {info}")
-        if proc.is_alive():
-            raise RuntimeError(f"tensor-parallel worker rank {rank} did not get {want} in {timeout} s")
-        hint = ""
-        if want == "alive":
-            hint = (
-                " before running any engine code. In a script, create the engine under "
-                '`if __name__ == "__main__":`: workers start by importing the script again '
-                "(multiprocessing's spawn method). The worker's traceback is above."
-            )
-        raise RuntimeError(f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}{hint}")
-
-    def _send(self, rank: int, conn, batch) -> None:
-        if not self.workers[rank - 1].is_alive():
-            self._check_workers()
-        try:
-            conn.send(batch)
-        except OSError:  # broken pipe: the worker is gone
-            self._check_workers()
-            raise
-
-    def _check_workers(self) -> None:
-        """If a worker died or reported an error, close the engine and raise naming its rank."""
-        for rank, (proc, conn) in enumerate(zip(self.workers, self.conns), start=1):
-            proc.join(0.5)
-            try:
-                kind, cause = conn.recv() if conn.poll() else (None, None)
-            except (EOFError, OSError):
-                kind, cause = None, None
-            if kind != "error" and not proc.is_alive():
-                kind, cause = "error", f"the process exited with code {proc.exitcode}"
-                cause = self._stalled.get(rank, cause)
-            if kind == "error":
-                self.close()
-                raise RuntimeError(
-                    f"tensor-parallel worker rank {rank} failed: {cause}; the engine is closed"
-                )
-
-    def close(self) -> None:
-        """Stop the workers and free the model and KV cache; safe to call twice."""
-        if getattr(self, "closed", True):
-            return
-        with self.owned():  # never under a step of another thread (step 4)
-            self.closed, self.pending = True, None
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.workers:
-            proc.join(0 if self._ranks_busy else 10)  # a worker stuck in a collective never exits
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
-        runner = self.__dict__.pop("runner", None)
-        if runner is not None:  # give the KV cache and graph memory back now, not at GC time
-            runner.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 def check_text(text: str, what: str) -> str:
     """text itself if it is valid Unicode; else a ValueError naming `what` and the position. JSON
@@ -584,65 +530,6 @@ def check_text(text: str, what: str) -> str:
                 f"{text[e.start]!r}"
             ) from None
     return text
-
-
-def prepare_ahead(seqs: list[Sequence], block_size: int) -> StepBatch:
-    """The decode batch of the token after each sequence's newest one, built before that newest
-    token is known: its input ids are placeholders (the runner takes them on the device)."""
-    pos = [len(s) for s in seqs]  # the newest token (still on the GPU) will sit at index len(s)
-    generated = [s.num_completion_tokens + 1 for s in seqs]  # counting that newest token
-    return decode_batch(seqs, pos, [0] * len(seqs), generated, block_size)
-
-
-class StopMatcher:
-    """Aho-Corasick automaton of a set of stop strings. Its state after some text is the longest
-    ending of the text that begins a stop string; a character moves it in amortized O(1)."""
-
-    def __init__(self, stops: list[str]):
-        self.next: list[dict[str, int]] = [{}]  # the trie: state -> {character: next state}
-        depth, ends = [0], [0]  # each state's length; the length of a stop string ending there
-        for s in stops:
-            state = 0
-            for ch in s:
-                if ch not in self.next[state]:
-                    self.next[state][ch] = len(self.next)
-                    self.next.append({})
-                    depth.append(depth[state] + 1)
-                    ends.append(0)
-                state = self.next[state][ch]
-            ends[state] = len(s)
-        self.fail = [0] * len(self.next)  # the longest proper ending that is a state
-        self.found = ends  # the longest stop string that ends the state's text (0: none)
-        self.hold = [0] * len(self.next)  # the longest ending shorter than the stop it begins
-        queue = [0]
-        for state in queue:  # breadth first: fail links point to shorter states, done before
-            for ch, nxt in self.next[state].items():
-                f = self.fail[state]
-                while f and ch not in self.next[f]:
-                    f = self.fail[f]
-                self.fail[nxt] = self.next[f].get(ch, 0) if state else 0
-                self.found[nxt] = max(self.found[nxt], self.found[self.fail[nxt]])
-                self.hold[nxt] = depth[nxt] if self.next[nxt] else self.hold[self.fail[nxt]]
-                queue.append(nxt)
-
-    def feed(self, state: int, text: str, start: int) -> tuple[int, int | None]:
-        """Move through text[start:]; the new state, and where the earliest stop string that ends
-        in text[start:] begins (None if none does)."""
-        hit = None
-        for i in range(start, len(text)):
-            ch = text[i]
-            while state and ch not in self.next[state]:
-                state = self.fail[state]
-            state = self.next[state].get(ch, 0)
-            if self.found[state] and (hit is None or i + 1 - self.found[state] < hit):
-                hit = i + 1 - self.found[state]
-        return state, hit
-
-
-@functools.lru_cache(maxsize=32)
-def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
-    """The automaton of a stop set, shared by every request with that set (it keeps no state)."""
-    return StopMatcher(list(stops))
 
 
 @contextmanager
@@ -689,42 +576,3 @@ class LLM(LLMEngine):
             for m in convs
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-
-class _SaysAlive:
-    """A pipe end that makes the worker send ("alive", None) as soon as it is rebuilt there."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __reduce__(self):  # rebuild: itemgetter(0)((conn,)) -> conn, then send(conn, "alive")
-        alive = ("alive", None)
-        return (operator.itemgetter(0), ((self.conn,),), alive, None, None, type(self.conn).send)
-
-
-STALL_S = 3.0  # seconds a worker may stay stopped during a step before rank 0 gives up on it
-
-
-def _process_state(pid: int) -> str | None:
-    """A process's one-letter state from /proc (Linux; "T": stopped), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _watch_workers(ref: weakref.ref) -> None:
-    """Rank 0's watchdog: a worker stopped for STALL_S seconds during a step is killed, so that
-    rank 0's collective fails now rather than after gloo's 120 s. Ends when the engine closes."""
-    since = {}
-    while (engine := ref()) is not None and not engine.closed:
-        for rank, proc in enumerate(engine.workers, start=1):
-            if not (engine._ranks_busy and _process_state(proc.pid) in ("T", "t")):
-                since.pop(rank, None)
-            elif time.monotonic() - since.setdefault(rank, time.monotonic()) > STALL_S:
-                why = f"it was stopped (SIGSTOP?) for {STALL_S:.0f} s during a step and was killed"
-                engine._stalled[rank] = why
-                proc.kill()
-        del engine  # hold it only weakly while asleep
-        time.sleep(0.2)

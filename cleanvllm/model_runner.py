@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,6 +25,7 @@ from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
 from cleanvllm.sampler import is_plain, sample, sample_temperature, sample_temperature_triton
 from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.scheduler import PENDING
 from cleanvllm.sequence import Sequence
 
 
@@ -31,7 +33,8 @@ from cleanvllm.sequence import Sequence
 class StepBatch:
     """One step's inputs: per new token (input_ids, positions, slot_mapping), per sequence
     (cu_seqlens_q, context_lens, block_tables) and, for the sampler, per sequence its
-    SamplingParams and num_generated (completion tokens so far: the next one is number num_generated)."""
+    SamplingParams, num_generated (completion tokens so far: the next one is number num_generated)
+    and seq_id."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -42,6 +45,7 @@ class StepBatch:
     block_tables: list[list[int]]
     params: list[SamplingParams]
     num_generated: list[int]
+    seq_ids: list[int]
 
     @property
     def num_seqs(self) -> int:
@@ -63,7 +67,8 @@ def decode_batch(
     ]
     cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
     params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
-    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated)
+    ids_of = [s.seq_id for s in seqs]
+    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated, ids_of)
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
@@ -86,7 +91,8 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
             slots.extend(range(base + lo - b * block_size, base + hi - b * block_size))
         cu.append(cu[-1] + end - start)
         ctx.append(end)
-    return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated)
+    seq_ids = [s.seq_id for s in seqs]
+    return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated, seq_ids)
 
 
 def free_port() -> int:
@@ -94,6 +100,100 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class StepBuffers:
+    """A step's inputs, allocated once: device views by name, host twins to stage them in."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, device: torch.device):
+        pin = device.type == "cuda"
+        twins = 2 if pin else 1  # on a CPU the host twin *is* the device buffer
+        total = sum(math.prod(shape) for shape in shapes.values())
+        self.flat_hosts = [
+            torch.zeros(total, dtype=torch.int64, pin_memory=pin) for _ in range(twins)
+        ]
+        self.flat = (
+            torch.zeros(total, dtype=torch.int64, device=device) if pin else self.flat_hosts[0]
+        )
+        self.temp_hosts = [torch.zeros(rows, pin_memory=pin) for _ in range(twins)]
+        self.temps = torch.zeros(rows, device=device) if pin else self.temp_hosts[0]
+        self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)  # per row
+        self.token_hosts = [torch.zeros(rows, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.dev, self.hosts, off = {}, [{} for _ in range(twins)], 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            self.dev[name] = self.flat[off : off + size].view(shape)
+            for views, host in zip(self.hosts, self.flat_hosts):
+                views[name] = host.numpy()[off : off + size].reshape(shape)
+            off += size
+        self.turn = self.token_turn = 0
+
+    def next_host(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The host twin to stage the next step in: its views by name, and its temperatures."""
+        self.turn = (self.turn + 1) % len(self.hosts)
+        return self.hosts[self.turn], self.temp_hosts[self.turn].numpy()
+
+    def upload(self) -> None:
+        """Queue the copy of the staged twin to the device, behind the running step."""
+        if self.flat is not self.flat_hosts[0]:
+            self.flat.copy_(self.flat_hosts[self.turn], non_blocking=True)
+            self.temps.copy_(self.temp_hosts[self.turn], non_blocking=True)
+
+    def download(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Queue the copy of sampled tokens to a pinned host slot (two, in turn: the last step's may
+        be unread yet); on a CPU the tokens are on the host already."""
+        if not tokens.is_cuda:
+            return tokens
+        self.token_turn ^= 1
+        host = self.token_hosts[self.token_turn][: len(tokens)]
+        host.copy_(tokens, non_blocking=True)
+        return host
+
+
+class InputBatch:
+    """Block tables and temperatures of the sequences seen, a row each, updated incrementally."""
+
+    def __init__(self, rows: int, width: int):
+        self.block_tables = np.zeros((rows, width), dtype=np.int64)
+        self.temperatures = np.zeros(rows, dtype=np.float32)
+        self.num_blocks = [0] * rows  # columns of each row that hold its table
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.free = list(range(rows - 1, -1, -1))
+
+    def rows(self, batch: StepBatch) -> list[int]:
+        """Each sequence's row, brought up to date: only new blocks are written."""
+        rows = []
+        for seq_id, table, sp in zip(batch.seq_ids, batch.block_tables, batch.params):
+            row = self.row_of.get(seq_id)
+            if row is None or batch.is_prefill:  # new, or maybe new blocks: write it whole
+                row = self._take(seq_id, batch) if row is None else row
+                self.temperatures[row], self.num_blocks[row] = sp.temperature, 0
+            known = self.num_blocks[row]
+            if len(table) > known:  # decode: a block opened since the last step
+                self.block_tables[row, known : len(table)] = table[known:]
+                self.num_blocks[row] = len(table)
+            rows.append(row)
+        return rows
+
+    def _take(self, seq_id: int, batch: StepBatch) -> int:
+        """A free row; when none is, the rows of sequences not in this batch are taken back."""
+        if not self.free:
+            keep = set(batch.seq_ids)
+            for gone in [s for s in self.row_of if s not in keep]:
+                self.free.append(self.row_of.pop(gone))
+        row = self.free.pop()
+        self.row_of[seq_id] = row
+        return row
+
+
+@dataclass
+class Launched:
+    """A step on its way: its sampled token ids on the device and, once `done` has fired, on the
+    host (rank 0; None on the other ranks). On a CPU the step has already run: `done` is None."""
+
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None
+    done: object = None  # torch.cuda.Event
 
 
 class ModelRunner:
@@ -154,7 +254,7 @@ class ModelRunner:
     def release(self) -> None:
         """Free the graphs, KV cache and weights now, and destroy the process group if it is ours."""
         self.graphs.clear()
-        for name in "kv_cache model buf dev host graph_out graph_logits graph_tokens".split():
+        for name in "kv_cache model buffers input_batch graph_out graph_logits graph_tokens".split():
             self.__dict__.pop(name, None)
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -179,8 +279,7 @@ class ModelRunner:
         return model.eval()
 
     def _allocate_buffers(self) -> None:
-        """Views self.buf[name] into one flat device buffer, and self.hbufs[t][name] (numpy) into its
-        host twins: two on a GPU, used in turn, so a step can be staged while the last one copies."""
+        """The step buffers (self.buffers), sized for the largest step, and the persistent batch."""
         c, w = self.config, self.max_blocks_per_seq
         n, s = max(c.max_num_batched_tokens, c.max_num_seqs), c.max_num_seqs
         shapes = dict(
@@ -190,25 +289,11 @@ class ModelRunner:
             cu_seqlens_q=(s + 1,),
             context_lens=(s,),
             block_tables=(s, w),
-            step_seed=(1,),  # the in-graph sampler's seed, fresh at every step (step 6b)
-            prev_rows=(s,),  # a step launched ahead: where each input id comes from (step 18)
+            step_seed=(1,),  # the in-graph sampler's seed, fresh at every step
+            rows=(s,),  # each sequence's row in the persistent batch
         )
-        total = sum(math.prod(v) for v in shapes.values())
-        pin = self.device.type == "cuda"
-        twins = 2 if pin else 1  # on a CPU the host buffer *is* the device buffer
-        self.hosts = [torch.zeros(total, dtype=torch.int64, pin_memory=pin) for _ in range(twins)]
-        self.dev = torch.zeros(total, dtype=torch.int64, device=self.device) if pin else self.hosts[0]
-        self.temp_hosts = [torch.zeros(s, dtype=torch.float32, pin_memory=pin) for _ in range(twins)]
-        self.temp_dev = torch.zeros(s, device=self.device) if pin else self.temp_hosts[0]
-        self.token_hosts = [torch.zeros(s, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self.buf, self.hbufs, off = {}, [{} for _ in range(twins)], 0
-        for name, shape in shapes.items():
-            size = math.prod(shape)
-            self.buf[name] = self.dev[off : off + size].view(shape)
-            for h, host in zip(self.hbufs, self.hosts):
-                h[name] = host.numpy()[off : off + size].reshape(shape)
-            off += size
-        self.turn, self.hbuf, self.token_turn = 0, self.hbufs[0], 0
+        self.buffers = StepBuffers(shapes, s, self.device)
+        self.input_batch = InputBatch(s, w)
 
     def block_bytes(self) -> int:
         """Bytes of one KV block on this rank: K and V of block_size tokens in every layer."""
@@ -238,42 +323,38 @@ class ModelRunner:
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
-    def _stage(self, batch: StepBatch, rows: int, prev=None, prev_rows=None) -> None:
-        """Write the batch into a host buffer, padded to `rows` sequences, and copy it over. prev: a
-        step still running whose tokens are this step's input ids (row i takes row prev_rows[i])."""
-        self.turn = (self.turn + 1) % len(self.hbufs)
-        h, b, n = self.hbufs[self.turn], batch.num_seqs, len(batch.input_ids)
-        self.hbuf, pad = h, rows - b
+    def _stage(self, batch: StepBatch, rows: int) -> None:
+        """Write the batch into a host twin, padded to `rows` sequences, and queue its copy. Tables
+        and temperatures come from the persistent batch; a PENDING input id (chapter 8) is read on the
+        device, from the token its row sampled last."""
+        (h, temps), b, n = self.buffers.next_host(), batch.num_seqs, len(batch.input_ids)
+        pad = rows - b
         h["input_ids"][:n] = batch.input_ids
         h["positions"][:n] = batch.positions
         h["slot_mapping"][:n] = batch.slot_mapping
         h["cu_seqlens_q"][: b + 1] = batch.cu_seqlens_q
         h["context_lens"][:b] = batch.context_lens
-        for i, t in enumerate(batch.block_tables):
-            h["block_tables"][i, : len(t)] = t
         if pad:
             h["input_ids"][n : n + pad] = h["positions"][n : n + pad] = 0
             h["slot_mapping"][n : n + pad] = -1
             h["cu_seqlens_q"][b + 1 : rows + 1] = range(n + 1, n + pad + 1)
             h["context_lens"][b:rows] = 1
             h["block_tables"][b:rows, 0] = 0
-        temps = self.temp_hosts[self.turn]
-        temps.numpy()[:b] = [p.temperature for p in batch.params]
+        kept = self.input_batch.rows(batch)
+        h["rows"][:b] = kept
+        h["block_tables"][:b] = self.input_batch.block_tables[kept]  # one gather, not b tables
+        temps[:b] = self.input_batch.temperatures[kept]
         # drawn from torch's generator: torch.manual_seed makes a run repeatable, as with exponential_()
         h["step_seed"][0] = torch.randint(1 << 62, (1,)).item()
-        if prev is not None:
-            h["prev_rows"][:n] = prev_rows
-        if self.dev is not self.hosts[0]:  # one copy of each, queued behind the running step
-            self.temp_dev.copy_(temps, non_blocking=True)
-            self.dev.copy_(self.hosts[self.turn], non_blocking=True)
-        if prev is not None:  # on the device, in stream order: after `prev` has sampled them
-            ids = self.buf["input_ids"]
-            ids[:n] = prev.tokens[self.buf["prev_rows"][:n]]
+        self.buffers.upload()
+        if PENDING in batch.input_ids:  # in stream order: after the step that sampled them
+            ids, row = self.buffers.dev["input_ids"][:n], self.buffers.dev["rows"][:n]
+            ids.copy_(torch.where(ids == PENDING, self.buffers.last_token[row], ids))
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
         included), block tables `width` blocks wide (default: max_blocks_per_seq)."""
-        b, cu_k = self.buf, None
+        b, cu_k = self.buffers.dev, None
         if self.config.attention_backend == "flash":  # flash-attn's varlen API wants these too
             cu_k = torch.tensor([0, *batch.context_lens], device=self.device).cumsum(0).to(torch.int32)
         set_context(
@@ -287,16 +368,17 @@ class ModelRunner:
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
         )
 
-    def _run_eager(self, batch: StepBatch, prev=None, prev_rows=None) -> torch.Tensor:
+    def _run_eager(self, batch: StepBatch) -> torch.Tensor:
         """The model on the batch as it is; the hidden state of each sequence's last new token."""
         rows, n = batch.num_seqs, len(batch.input_ids)
-        self._stage(batch, rows, prev, prev_rows)
+        self._stage(batch, rows)
         self._context(batch, rows, max(len(t) for t in batch.block_tables))
         try:
-            hidden = self.model(self.buf["input_ids"][:n], self.buf["positions"][:n])
+            hidden = self.model(self.buffers.dev["input_ids"][:n], self.buffers.dev["positions"][:n])
         finally:
             reset_context()
-        return hidden[self.buf["cu_seqlens_q"][1 : rows + 1] - 1] if batch.is_prefill else hidden
+        last = self.buffers.dev["cu_seqlens_q"][1 : rows + 1] - 1
+        return hidden[last] if batch.is_prefill else hidden
 
     def _largest_step(self) -> StepBatch:
         """The largest prefill the engine can run, on blocks 0, 1, 2, ... of a scratch cache."""
@@ -314,6 +396,7 @@ class ModelRunner:
             [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num)],
             [SamplingParams(top_p=0.9)] * num,
             [0] * num,
+            list(range(-num, 0)),  # ids no sequence has
         )
 
     @torch.inference_mode()
@@ -383,17 +466,17 @@ class ModelRunner:
         return num
 
     @torch.inference_mode()
-    def launch(self, batch: StepBatch, prev: "Launched | None" = None, prev_rows=None) -> "Launched":
-        """Start one step and return without waiting for the GPU. prev, prev_rows: a decode step
-        launched behind `prev`, whose row i takes as input id the token of prev's row prev_rows[i]."""
+    def launch(self, batch: StepBatch) -> "Launched":
+        """Start one step and return without waiting for the GPU; each sequence's token also stays on
+        the device, in its row of buffers.last_token, where a later step reads it as PENDING."""
         rows, tokens = batch.num_seqs, None
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
         )
         if graph_rows is None:
-            logits = self.model.compute_logits(self._run_eager(batch, prev, prev_rows))
+            logits = self.model.compute_logits(self._run_eager(batch))
         else:
-            self._stage(batch, graph_rows, prev, prev_rows)
+            self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
             if not self.graph_samples:  # tensor parallel: logits are gathered outside the graph
                 logits = self.model.compute_logits(self.graph_out[:rows])
@@ -405,11 +488,10 @@ class ModelRunner:
             return Launched(None, None)
         if tokens is None:
             tokens = sample(logits, batch.params, batch.num_generated, self.config.eos_token_ids)
-        if not tokens.is_cuda:
-            return Launched(tokens, tokens)
-        self.token_turn ^= 1  # two host buffers: the previous step's tokens may still be unread
-        host = self.token_hosts[self.token_turn][:rows]
-        host.copy_(tokens, non_blocking=True)
+        self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
+        host = self.buffers.download(tokens)
+        if host is tokens:  # a CPU: the step has run
+            return Launched(tokens, host)
         done = torch.cuda.Event()
         done.record()
         return Launched(tokens, host, done)
@@ -428,14 +510,14 @@ class ModelRunner:
 
     def _graph_body(self, rows: int) -> None:
         """What a decode graph records: the model, then (one rank) logits and temperature sampling."""
-        hidden = self.model(self.buf["input_ids"][:rows], self.buf["positions"][:rows])
+        hidden = self.model(self.buffers.dev["input_ids"][:rows], self.buffers.dev["positions"][:rows])
         self.graph_out[:rows] = hidden
         if self.graph_samples:
             logits = self.model.compute_logits(hidden)
             self.graph_logits[:rows] = logits
-            temps = self.temp_dev[:rows]
-            if self.config.fuse_kernels:  # one pass over the logits (step 6b)
-                tokens = sample_temperature_triton(logits, temps, self.buf["step_seed"])
+            temps = self.buffers.temps[:rows]
+            if self.config.fuse_kernels:  # one pass over the logits
+                tokens = sample_temperature_triton(logits, temps, self.buffers.dev["step_seed"])
             else:
                 tokens = sample_temperature(logits, temps)
             self.graph_tokens[:rows] = tokens
@@ -450,7 +532,7 @@ class ModelRunner:
         if self.graph_samples:
             self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
             self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
-        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0])
+        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0], [-1])
         self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
         for rows in reversed(self.graph_sizes):  # largest first: the others fit in its pool
@@ -465,16 +547,6 @@ class ModelRunner:
             reset_context()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-@dataclass
-class Launched:
-    """A step on its way: its sampled token ids on the device and, once `done` has fired, on the
-    host (rank 0; None on the other ranks). On a CPU the step has already run: `done` is None."""
-
-    tokens: torch.Tensor | None
-    host: torch.Tensor | None
-    done: object = None  # torch.cuda.Event
 
 
 def run_worker(config: Config, rank: int, port: int | None, conn) -> None:

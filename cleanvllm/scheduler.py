@@ -16,6 +16,8 @@ from collections import deque
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.sequence import Sequence, SequenceStatus
 
+PENDING = -1  # a sampled token still on the device: counted by postprocess, its value set by fill
+
 
 class Scheduler:
     """Decides, step by step, which sequences run and how many tokens each computes."""
@@ -159,11 +161,15 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a running sequence now (also used by the engine for stop strings)."""
+        """End a sequence now: a running one, a waiting one (preempted while its newest token was still
+        on the device, chapter 8), or a finished one whose reason changes (the engine's stop strings)."""
         self.block_manager.deallocate(seq)  # first: a finished sequence never holds blocks
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Record one step's results; return the sequences that finished in it."""
@@ -192,17 +198,26 @@ class Scheduler:
         if seq.status != SequenceStatus.FINISHED:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
 
-    def schedule_ahead(self, seqs: list[Sequence]) -> list[Sequence] | None:
-        """The sequences of a decode step still running that will surely decode again, each given room
-        for its next token; None when schedule() must decide (requests waiting, or too few blocks)."""
-        if self.waiting:
-            return None
-        go = [
-            s
-            for s in seqs
-            if s.status == SequenceStatus.RUNNING
-            and s.num_completion_tokens + 1 < s.sampling_params.max_tokens
-        ]
-        if not go or not self.block_manager.reserve_ahead(go):
-            return None
-        return go
+    def fill(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Write each sequence's sampled token over its PENDING newest token and end the sequences that
+        stop on it; return the sequences filled (those whose newest token was PENDING)."""
+        filled = []
+        for seq, token in zip(seqs, token_ids):
+            if not seq.token_ids or seq.token_ids[-1] != PENDING:
+                continue
+            seq.token_ids[-1] = token
+            filled.append(seq)
+            if seq.is_finished or self._stop_reason(seq, token) is None:
+                continue
+            self.finish(
+                seq, "stop"
+            )  # running, or waiting if preempted while its token was on the device
+        return filled
+
+    def preempt_all(self) -> None:
+        """Preempt every running sequence, newest first; free what a cut-short admission left."""
+        for seq in reversed(list(self.running)):
+            self.preempt(seq)
+        for seq in self.waiting:
+            self.block_manager.deallocate(seq)  # a no-op for a sequence that holds no block
+            seq.num_scheduled_tokens = 0

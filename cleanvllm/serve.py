@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import queue
 import random
 import subprocess
@@ -19,7 +20,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import h11
@@ -30,11 +32,21 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from transformers import AutoTokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import cleanvllm
 from cleanvllm.engine import LLMEngine, RequestOutput, check_text
 from cleanvllm.sampling_params import SamplingParams
 
@@ -50,6 +62,9 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: int | None = None  # set by the engine thread when the engine accepts the request
+    arrival: float = field(default_factory=time.perf_counter)  # for /metrics' latencies (step 6b)
+    tokens_seen: int = 0  # completion tokens in the last output the handler took
+    last_token: float = 0.0  # when that output came
 
 
 class AsyncEngine:
@@ -58,12 +73,14 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, idle_wait: float = 0.05):
         self.engine = engine
         self.idle_wait = idle_wait  # seconds an idle engine thread waits for a command at a time
-        # commands: ("add", handle, prompt, params), ("abort", handle), ("wake", None)
+        # commands: ("add", handle, prompt, params) or with lists: a group that stands or falls
+        # together (the prompts of one HTTP request); ("abort", handle); ("wake", None)
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[int, Handle] = {}  # request id -> handle, for requests inside the engine
         self.step_log: deque = deque(maxlen=100_000)  # (time, requests in the step) per step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.metrics = None  # what /metrics counts (step 6b), once a server has one
 
     def _deliver(self, h: Handle, item) -> None:
         """Put item into h's asyncio queue from any thread (a closed loop means nobody listens)."""
@@ -80,13 +97,8 @@ class AsyncEngine:
             return
         while True:
             kind, h, *args = cmd
-            if kind == "add":
-                try:
-                    h.request_id = self.engine.add_request(*args)
-                    self.live[h.request_id] = h
-                    self._deliver(h, h.request_id)
-                except Exception as e:  # the engine refused the request (ValueError): tell the handler
-                    self._deliver(h, e)
+            if kind == "add":  # one request, or a group of them (lists)
+                self._add_group(*(cmd[1:] if isinstance(h, list) else ([h], [args[0]], [args[1]])))
             elif kind == "abort" and h.request_id in self.live:
                 self.engine.abort_request(h.request_id)  # frees the request's KV blocks
                 del self.live[h.request_id]
@@ -95,18 +107,43 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _add_group(self, handles: list[Handle], prompts: list, params: list) -> None:
+        """Add requests that all run or none does; each handle gets its request id, or the error."""
+        added = []
+        try:
+            for h, prompt, sp in zip(handles, prompts, params):
+                h.request_id = self.engine.add_request(prompt, sp)
+                added.append(h)
+        except Exception as e:  # the engine refused one (ValueError): none of the group runs
+            for a in added:
+                self.engine.abort_request(a.request_id)
+            if len(handles) > 1 and isinstance(e, ValueError):
+                e = ValueError(f"prompt {len(added)}: {e}")
+            for h in handles:
+                self._deliver(h, e)
+            return
+        for h in handles:
+            self.live[h.request_id] = h
+            self._deliver(h, h.request_id)
+        if self.metrics is not None:  # the prompts' prefix-cache hits, looked up as they arrive
+            self.metrics.engine(engine_state(self.engine, [h.request_id for h in handles]))
+
     def _run(self) -> None:
         """The engine thread: take commands, run a step when there is work, deliver the outputs."""
         with self.engine.owned():  # the engine's one running thread (chapter 8's thread rules)
             while not self._stop.is_set():
                 self._take_commands(block=not self.engine.has_unfinished_requests())
                 if not self.engine.has_unfinished_requests():
+                    if self.metrics is not None:  # the gauges of /metrics (step 6b), when idle
+                        self.metrics.engine(engine_state(self.engine))
                     continue
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # fail the requests in the engine, keep serving new ones
                     self._fail_all(e)
                     continue
+                if self.metrics is not None:  # and after each step, before its outputs go out
+                    self.metrics.engine(engine_state(self.engine))
                 self.step_log.append((time.perf_counter(), self.engine.last_step.num_seqs))
                 for out in outputs:
                     h = self.live.get(out.request_id)
@@ -118,8 +155,8 @@ class AsyncEngine:
             self._fail_all(stopping)
             while not self.inbox.empty():  # adds that came too late are refused, not left waiting
                 kind, h, *_ = self.inbox.get_nowait()
-                if kind == "add":
-                    self._deliver(h, stopping)
+                for one in (h if isinstance(h, list) else [h]) if kind == "add" else []:
+                    self._deliver(one, stopping)
 
     def _fail_all(self, error: Exception) -> None:
         for rid, h in self.live.items():
@@ -142,20 +179,27 @@ class AsyncEngine:
             self._thread.join(timeout)
             self._thread = None
 
-    async def add(self, prompt: str | list[int], params: SamplingParams) -> Handle:
-        """Submit a request; return its handle once the engine accepted it (else its ValueError)."""
+    async def add_many(self, prompts: list, params: list[SamplingParams]) -> list[Handle]:
+        """Submit requests that all run or none does; return their handles once the engine accepted
+        them (else the ValueError of the one it refused)."""
         if self._stop.is_set():
             raise ShuttingDown("the server is shutting down")
-        h = Handle(asyncio.get_running_loop())
-        self.inbox.put(("add", h, prompt, params))
+        handles = [Handle(asyncio.get_running_loop()) for _ in prompts]
+        self.inbox.put(("add", handles, list(prompts), list(params)))
         try:
-            first = await h.queue.get()
-        except BaseException:  # cancelled while waiting: the request must not run unattended
-            self.inbox.put(("abort", h))
+            firsts = [await h.queue.get() for h in handles]
+        except BaseException:  # cancelled while waiting: the requests must not run unattended
+            for h in handles:
+                self.inbox.put(("abort", h))
             raise
-        if isinstance(first, Exception):
-            raise first
-        return h
+        for first in firsts:
+            if isinstance(first, Exception):
+                raise first
+        return handles
+
+    async def add(self, prompt: str | list[int], params: SamplingParams) -> Handle:
+        """Submit a request; return its handle once the engine accepted it (else its ValueError)."""
+        return (await self.add_many([prompt], [params]))[0]
 
     async def stream(self, h: Handle) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as the engine produces them; abort it if we stop early."""
@@ -166,6 +210,8 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
+                if self.metrics is not None:
+                    self.metrics.output(h, item)
                 yield item
         finally:
             if not finished:
@@ -184,18 +230,15 @@ Number = StrictFloat | StrictInt  # JSON true is not 1 here: booleans are refuse
 class SamplingRequest(BaseModel):
     """Fields shared by both endpoints: OpenAI's, plus vLLM's extra sampling fields."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # any other field is judged by REQUEST_FIELDS
     model: str
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
-    n: StrictInt | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with token counts
-    logprobs: bool | int | None = None  # refused: chat says true, completions a count
-    echo: bool = False  # refused
+    stream_options: dict | None = None  # include_usage, continuous_usage_stats: token counts
     top_k: StrictInt | None = None  # vLLM's extra fields from here on
     min_p: Number | None = None
     min_tokens: StrictInt | None = None
@@ -205,6 +248,8 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    echo: bool = False  # the prompt's text before the completion's
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's special tokens around the prompt
 
 
 class ChatRequest(SamplingRequest):
@@ -213,14 +258,84 @@ class ChatRequest(SamplingRequest):
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false} for Qwen3
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A field this server does not implement: 400 naming it, unless its value is neutral."""
+
+    neutral: tuple = (None,)  # values that change nothing
+
+
+IGNORED = "ignored"  # bookkeeping that changes no output
+NO_TOOLS = Refused((None, []))
+REQUEST_FIELDS: dict[str, str | Refused] = {
+    # the SamplingParams field each sets
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "seed": "seed", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    # not implemented (yet): one choice, no logprobs, no penalties, no structured output
+    "n": Refused((None, 1)), "best_of": Refused((None, 1)), "use_beam_search": Refused((None, False)),
+    "logprobs": Refused((None, False)), "top_logprobs": Refused((None, 0)),
+    "prompt_logprobs": Refused(), "echo": Refused((None, False)),  # chat's; completions implement it
+    "presence_penalty": Refused((None, 0)), "frequency_penalty": Refused((None, 0)),
+    "repetition_penalty": Refused((None, 1)), "length_penalty": Refused((None, 1)),
+    "logit_bias": Refused((None, {})), "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
+    "suffix": Refused((None, "")), "response_format": Refused((None, {"type": "text"})),
+    "tools": NO_TOOLS, "functions": NO_TOOLS,  # without tools, a tool choice changes nothing:
+    "tool_choice": Refused((None, "none", "auto")), "function_call": Refused((None, "none", "auto")),
+    "guided_json": Refused(), "guided_regex": Refused(), "guided_choice": Refused(),
+    "guided_grammar": Refused(), "guided_decoding_backend": Refused(), "structured_outputs": Refused(),
+    "guided_whitespace_pattern": Refused(), "structural_tag": Refused(), "documents": Refused(),
+    "include_reasoning": Refused((None, True)), "mm_processor_kwargs": Refused(),
+    "kv_transfer_params": Refused(), "web_search_options": Refused(),
+    "skip_special_tokens": Refused((None, True)), "include_stop_str_in_output": Refused((None, False)),
+    "spaces_between_special_tokens": Refused((None, True)), "truncate_prompt_tokens": Refused(),
+    "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
+    "chat_template": Refused(), "add_special_tokens": Refused(), "reasoning_effort": Refused(),
+    "return_tokens_as_token_ids": Refused((None, False)), "prompt_embeds": Refused(),
+    "modalities": Refused((None, ["text"])), "audio": Refused(), "prediction": Refused(),
+    "logits_processors": Refused(), "vllm_xargs": Refused(), "priority": Refused((None, 0)),
+    # change no output
+    "user": IGNORED, "metadata": IGNORED, "store": IGNORED, "service_tier": IGNORED,
+    "parallel_tool_calls": IGNORED, "request_id": IGNORED, "cache_salt": IGNORED,
+}  # fmt: skip
+
+
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
+
+
+def neutral(value, allowed: tuple) -> bool:
+    """value is one of allowed, JSON's types kept apart (false is not 0; 1.0 is 1)."""
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+
+
+def check_fields(body: SamplingRequest) -> dict:
+    """The SamplingParams fields the body sets; ValueError naming every field not implemented."""
+    own, fields, refused = type(body).model_fields, {}, []
+    for name in sorted(body.model_fields_set | set(body.model_extra or {})):
+        rule, value = REQUEST_FIELDS.get(name), getattr(body, name)
+        if rule == IGNORED:
+            continue
+        elif isinstance(rule, str):
+            fields.update({rule: value} if value is not None else {})
+        elif rule is None and name not in own:
+            refused.append(f"{name} (unknown)")
+        elif isinstance(rule, Refused) and name not in own and not neutral(value, rule.neutral):
+            refused.append(f"{name}={value!r:.40}")
+    if refused:
+        raise ValueError(f"not supported by this server: {', '.join(refused)}")
+    options = body.stream_options
+    if options and not body.stream:
+        raise ValueError("stream_options: only with stream: true")
+    if unknown := sorted(set(options or {}) - set(STREAM_OPTIONS)):
+        raise ValueError(f"stream_options: unknown {unknown}; known: {list(STREAM_OPTIONS)}")
+    return fields
+
+
 def sampling_params(
     body: SamplingRequest, prompt_len: int, max_model_len: int, default_max_tokens: int | None
 ) -> SamplingParams:
     """The request's SamplingParams; ValueError naming the field when a value is not allowed."""
-    if body.n not in (None, 1):
-        raise ValueError(f"n={body.n} is not supported: this server returns one choice (n=1)")
-    if body.logprobs is not None and body.logprobs is not False or body.echo:
-        raise ValueError("logprobs and echo are not supported by this server")
+    fields = check_fields(body)
     room = max_model_len - prompt_len
     if room < 1:
         raise ValueError(
@@ -232,20 +347,7 @@ def sampling_params(
         max_tokens = body.max_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens or room, room)
-    fields = dict(
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        seed=body.seed,
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        stop=body.stop,
-        stop_token_ids=body.stop_token_ids,
-    )
-    return SamplingParams(
-        max_tokens=max_tokens, **{k: v for k, v in fields.items() if v is not None}
-    )
+    return SamplingParams(max_tokens=max_tokens, **fields)
 
 
 class APIError(Exception):
@@ -306,10 +408,13 @@ class ServerState:
     draining: bool = False  # shutting down: new requests get a 503
     # one worker thread tokenizes and renders chat templates, off the event loop
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+    parser: ProcessPoolExecutor | None = None  # parses big bodies, off the loop (started on need)
 
     def __post_init__(self):  # no token covers more characters than its vocabulary entry
         longest = max(map(len, self.tokenizer.get_vocab()))
         self.max_prompt_chars = self.max_model_len * longest  # more characters cannot fit
+        self.metrics = Metrics(self.model_name)  # this server's own (step 6b)
+        self.engine.metrics = self.metrics
 
     def check_model(self, name: str) -> None:
         if self.draining:
@@ -330,6 +435,18 @@ class ServerState:
         """fn(*args) in the worker thread: the event loop serves other connections meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
+    async def parse_off_loop(self, raw: bytes):
+        """load_json(raw) in the parser process (spawned, not forked: this process has threads)."""
+        if self.parser is None:
+            self.parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.parser, load_json, raw, MAX_JSON_VALUES
+            )
+        except BrokenProcessPool:  # the parser died (killed, out of memory): a new one next time
+            self.parser = None
+            raise APIError(500, "the JSON parser process died", "internal_server_error") from None
+
 
 def build_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -339,6 +456,8 @@ def build_app(state: ServerState) -> FastAPI:
         state.engine.shutdown()
         if state.close_engine:
             state.engine.engine.close()
+        if state.parser is not None:
+            state.parser.shutdown(cancel_futures=True)
 
     app = FastAPI(title="cleanvllm", lifespan=lifespan)
     app.state.server = state
@@ -381,6 +500,45 @@ class Gate:
         await self.app(scope, counted, send)
 
 
+INLINE_VALUES = 8192  # a body with at most this many `,[{` bytes is parsed on the loop (a few ms)
+MAX_JSON_VALUES = 2**17  # values (numbers, strings, list items...) in one body: more is refused
+
+
+def load_json(raw: bytes, max_values: int):
+    """json.loads(raw), or a str saying why not: not JSON, or more than max_values values."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        return f"the body is not valid JSON: {e}"
+    todo, n = [data], 0
+    while todo:
+        x = todo.pop()
+        n += 1
+        if n > max_values:
+            return f"the body has more than {max_values} JSON values"
+        todo.extend(x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+    return data
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The request's body as `model`; a 400 naming what is wrong."""
+    s: ServerState = request.app.state.server
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone (or cut off by the body timeout, step 10): nobody to answer
+        raise APIError(499, "the client closed the connection before its body arrived") from None
+    if len(raw) - len(raw.translate(None, b",[{")) <= INLINE_VALUES:  # bounds the values (+1)
+        data = load_json(raw, MAX_JSON_VALUES)
+    else:
+        data = await s.parse_off_loop(raw)
+    if isinstance(data, str):
+        raise APIError(400, data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     return Response(status_code=200)
@@ -399,17 +557,112 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
+@dataclass
+class EngineState:
+    """What /metrics reads from the engine."""
+
+    running: int  # requests in the running batch
+    waiting: int  # requests waiting to be admitted
+    kv_cache_usage: float  # fraction of KV-cache blocks in use (1 = all)
+    prompt_tokens: int = 0  # of the requests asked about: their prompt tokens
+    cached_tokens: int = 0  # and how many of those the prefix cache holds now
+
+
+def engine_state(engine: LLMEngine, request_ids: list[int] = ()) -> EngineState:
+    """The engine's state, for the engine thread only. It reads engine.scheduler.running and
+    .waiting (their lengths), engine.block_manager.num_free_blocks, .blocks, .block_size, and
+    for each new request engine.requests[id].seq with block_manager._cached_prefix(seq), a pure
+    look-up of the prompt's blocks in the prefix cache as the request arrives."""
+    bm = engine.block_manager
+    seqs = [engine.requests[i].seq for i in request_ids if i in engine.requests]
+    hits = sum(len(bm._cached_prefix(seq)) for seq in seqs) * bm.block_size
+    used = 1 - bm.num_free_blocks / len(bm.blocks)
+    queue = engine.scheduler
+    return EngineState(len(queue.running), len(queue.waiting), used,
+                       sum(seq.num_prompt_tokens for seq in seqs), hits)  # fmt: skip
+
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 240, 480, 960)
+
+
+class Metrics:
+    """This server's Prometheus metrics: vLLM's names under `cleanvllm:`, a registry of its own."""
+
+    def __init__(self, model_name: str):
+        self.registry, self.model_name = CollectorRegistry(), model_name
+        kw = dict(labelnames=["model_name"], registry=self.registry)
+
+        def new(kind, name: str, doc: str, **more):
+            return kind(f"cleanvllm:{name}", doc, **kw, **more).labels(model_name)
+
+        self.running = new(Gauge, "num_requests_running", "Requests in the running batch")
+        self.waiting = new(Gauge, "num_requests_waiting", "Requests waiting to be admitted")
+        self.kv_usage = new(Gauge, "kv_cache_usage_perc", "KV-cache blocks in use (1 = all)")
+        self.queries = new(Counter, "prefix_cache_queries", "Prompt tokens looked up in the cache")
+        self.hits = new(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.ttft = new(Histogram, "time_to_first_token_seconds", "Time to first token",
+                        buckets=TTFT_BUCKETS)  # fmt: skip
+        self.itl = new(Histogram, "inter_token_latency_seconds", "Time between tokens",
+                       buckets=ITL_BUCKETS)  # fmt: skip
+        self.e2e = new(Histogram, "e2e_request_latency_seconds", "Request latency",
+                       buckets=E2E_BUCKETS)  # fmt: skip
+        self.prompt_tokens = new(Counter, "prompt_tokens", "Prompt tokens of started requests")
+        self.generation_tokens = new(Counter, "generation_tokens", "Generated tokens")
+        self.success = Counter("cleanvllm:request_success", "Finished requests",
+                               ["model_name", "finished_reason"], registry=self.registry)  # fmt: skip
+
+    def engine(self, state: EngineState) -> None:
+        self.running.set(state.running)
+        self.waiting.set(state.waiting)
+        self.kv_usage.set(state.kv_cache_usage)
+        if state.prompt_tokens:
+            self.queries.inc(state.prompt_tokens)
+            self.hits.inc(state.cached_tokens)
+
+    def output(self, h: Handle, out: RequestOutput) -> None:
+        now, done = time.perf_counter(), completion(out)
+        new = len(done.token_ids) - h.tokens_seen
+        if new > 0 and h.tokens_seen == 0:
+            self.ttft.observe(now - h.arrival)
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+        elif new > 0:
+            self.itl.observe((now - h.last_token) / new)
+        if new > 0:
+            self.generation_tokens.inc(new)
+            h.tokens_seen, h.last_token = len(done.token_ids), now
+        if out.finished:
+            self.e2e.observe(now - h.arrival)
+            self.success.labels(self.model_name, done.finish_reason).inc()
+
+
+def completion(out: RequestOutput):
+    """The generated part of an output: text, token_ids, finish_reason (vLLM: out.outputs[0])."""
+    return out
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.server.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version")
+async def version(request: Request) -> dict:
+    return {"version": cleanvllm.__version__}
+
+
 def sse(data: dict | str) -> str:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def usage(prompt_tokens: int, out: RequestOutput) -> dict:
-    n = len(out.token_ids)
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": n,
-        "total_tokens": prompt_tokens + n,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
@@ -425,35 +678,81 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def event_stream(s: ServerState, h: Handle, body, prompt_tokens: int, chunk, head=None):
-    """Events for one request: the text as it grows, the finish reason, usage if asked, [DONE]."""
-    sent, out = "", None
-    if head is not None:
-        yield sse(head)
-    try:
-        async with contextlib.aclosing(s.engine.stream(h)) as outputs:
+async def merged(engine: AsyncEngine, handles: list[Handle]):
+    """(index, output) pairs of several requests as they come; closing it aborts unfinished ones."""
+    if len(handles) == 1:  # the common case: no tasks, no second queue
+        async with contextlib.aclosing(engine.stream(handles[0])) as outputs:
             async for out in outputs:
-                delta, sent = out.text[len(sent) :], out.text
+                yield 0, out
+        return
+    both: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Handle) -> None:
+        try:
+            async with contextlib.aclosing(engine.stream(h)) as outputs:
+                async for out in outputs:
+                    both.put_nowait((i, out))
+        except Exception as e:
+            both.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, item = await both.get()
+            if isinstance(item, Exception):
+                raise item
+            left -= item.finished
+            yield i, item
+    finally:  # cancelling a pump closes its stream, which aborts its request if unfinished
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def event_stream(s: ServerState, handles: list[Handle], body, prompt_tokens: list[int],
+                       chunk, head=None, echo: list[str] | None = None):  # fmt: skip
+    """Events: each choice's text as it grows, its finish reason, usage if asked, [DONE]."""
+    sent, counts = [None] * len(handles), [0] * len(handles)  # None: nothing sent yet
+    options = body.stream_options  # as vLLM: given at all, it means include_usage unless false
+    total = options is not None and options.get("include_usage", True) is not False
+    each = total and options.get("continuous_usage_stats")  # usage in every chunk
+    if head is not None:
+        yield sse({**head, "usage": usage(prompt_tokens[0], 0)} if each else head)
+    try:
+        async with contextlib.aclosing(merged(s.engine, handles)) as outputs:
+            async for i, out in outputs:
+                done = completion(out)
+                delta = done.text[len(sent[i] or "") :]
+                if sent[i] is None and echo:  # the prompt's text comes first, once
+                    delta = echo[i] + delta
+                counts[i] = len(done.token_ids)
                 if delta or out.finished:
-                    yield sse(chunk(delta, out.finish_reason))
+                    sent[i] = done.text
+                    event = chunk(delta, done.finish_reason, i)
+                    yield sse(
+                        {**event, "usage": usage(prompt_tokens[i], counts[i])} if each else event
+                    )
     except Exception as e:  # the engine failed or is shutting down: say so in the stream
         kind, code = ("service_unavailable", 503) if isinstance(e, ShuttingDown) else (
             "internal_server_error", 500)  # fmt: skip
         yield sse({"error": {"message": str(e), "type": kind, "code": code}})
     else:
-        if (body.stream_options or {}).get("include_usage"):
-            yield sse({**chunk("", None), "choices": [], "usage": usage(prompt_tokens, out)})
+        if total:
+            counted = usage(sum(prompt_tokens), sum(counts))
+            yield sse({**chunk("", None), "choices": [], "usage": counted})
     yield sse("[DONE]")
 
 
-async def final_output(s: ServerState, h: Handle, request: Request) -> RequestOutput:
-    """The request's last output; if the client hangs up first, the request is aborted."""
+async def final_outputs(s: ServerState, handles: list[Handle], request: Request) -> list:
+    """Each request's last output; if the client hangs up first, the requests are aborted."""
 
-    async def last() -> RequestOutput:
-        async with contextlib.aclosing(s.engine.stream(h)) as outputs:
-            async for out in outputs:
-                pass
-        return out
+    async def last() -> list[RequestOutput]:
+        outs = [None] * len(handles)
+        async with contextlib.aclosing(merged(s.engine, handles)) as outputs:
+            async for i, out in outputs:
+                outs[i] = out
+        return outs
 
     async def hung_up() -> None:  # after the body, the next message is the disconnect
         while (await request.receive())["type"] != "http.disconnect":
@@ -465,43 +764,75 @@ async def final_output(s: ServerState, h: Handle, request: Request) -> RequestOu
     finally:
         gone.cancel()
         if not work.done():
-            work.cancel()  # closes the request's stream, which aborts the request
+            work.cancel()  # closes the requests' streams, which aborts the requests
             await asyncio.wait([work])
     if work.cancelled():
         raise APIError(499, "the client closed the connection before the reply was ready")
     return work.result()
 
 
+MAX_PROMPTS = 1024  # prompts in one request
+
+
 def completion_chunk(request_id: str, model: str, created: int):
-    def chunk(text: str, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(text: str, finish_reason: str | None, index: int = 0) -> dict:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {"id": request_id, "object": "text_completion", "created": created,
                 "model": model, "choices": [choice]}  # fmt: skip
 
     return chunk
 
 
+def one_prompt(i: int, n: int, fn, *args):
+    """fn(*args), its ValueError naming prompt i when the request has several (n)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}" if n > 1 else str(e)) from None
+
+
+async def prompt_ids(s: ServerState, body: CompletionRequest) -> tuple[list, list]:
+    """The prompts' token ids and texts (None for token ids); a 400 naming a bad prompt."""
+    prompts = body.prompt
+    if not (isinstance(prompts, list) and prompts and not isinstance(prompts[0], int)):
+        prompts = [prompts]  # one prompt: a string or a list of token ids
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"got {len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    texts = [p if isinstance(p, str) else None for p in prompts]
+    for i, t in enumerate(texts):  # bounded first, then tokenized off the event loop
+        what = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+        if t is not None:
+            s.check_chars(len(t), what)
+            check_text(t, what)
+    encode = functools.partial(s.tokenizer, add_special_tokens=body.add_special_tokens)
+    strings = [t for t in texts if t is not None]
+    encoded = iter((await s.off_loop(encode, strings))["input_ids"] if strings else [])
+    return [list(p) if t is None else next(encoded) for p, t in zip(prompts, texts)], texts
+
+
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(request: Request):
     s: ServerState = request.app.state.server
+    body = await parse_body(request, CompletionRequest)
     s.check_model(body.model)
-    prompt = body.prompt
-    if prompt and isinstance(prompt, list) and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise APIError(400, f"got {len(prompt)} prompts: send one prompt per request")
-        prompt = prompt[0]
-    if isinstance(prompt, str):  # bounded first, then tokenized off the event loop
-        s.check_chars(len(prompt), "the prompt")
-        ids = await s.off_loop(s.tokenizer.encode, check_text(prompt, "the prompt"))
-    else:
-        ids = list(prompt)
-    params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=16)
-    h = await s.engine.add(ids, params)
-    chunk = completion_chunk(f"cmpl-{h.request_id}", s.model_name, int(time.time()))
+    check_fields(body)  # before tokenizing: a refused field costs nothing
+    ids, texts = await prompt_ids(s, body)
+    params = [one_prompt(i, len(ids), sampling_params, body, len(x), s.max_model_len, 16)
+              for i, x in enumerate(ids)]  # fmt: skip
+    if body.echo:  # token-id prompts: their text, decoded off the loop
+        todo = [x for t, x in zip(texts, ids) if t is None]
+        decoded = iter(await s.off_loop(s.tokenizer.batch_decode, todo) if todo else [])
+        texts = [next(decoded) if t is None else t for t in texts]
+    handles = await s.engine.add_many(ids, params)
+    chunk = completion_chunk(f"cmpl-{handles[0].request_id}", s.model_name, int(time.time()))
+    echo, lens = texts if body.echo else None, [len(x) for x in ids]
     if body.stream:
-        return EventStream(event_stream(s, h, body, len(ids), chunk))
-    out = await final_output(s, h, request)
-    return {**chunk(out.text, out.finish_reason), "usage": usage(len(ids), out)}
+        return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo))
+    outs = [completion(o) for o in await final_outputs(s, handles, request)]
+    choices = [chunk((echo[i] if echo else "") + o.text, o.finish_reason, i)["choices"][0]
+               for i, o in enumerate(outs)]  # fmt: skip
+    total = usage(sum(lens), sum(len(o.token_ids) for o in outs))
+    return {**chunk("", None), "choices": choices, "usage": total}
 
 
 def chat_messages(s: ServerState, body: ChatRequest) -> list:
@@ -523,40 +854,99 @@ def chat_messages(s: ServerState, body: ChatRequest) -> list:
 
 
 def chat_chunk(request_id: str, model: str, created: int):
-    def chunk(text: str | None, finish_reason: str | None, role: str | None = None) -> dict:
+    def chunk(text: str | None, finish_reason: str | None, index: int = 0, role: str | None = None):
         delta = {"role": role, "content": ""} if role else {"content": text} if text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {"id": request_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [choice]}  # fmt: skip
 
     return chunk
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request):
-    s: ServerState = request.app.state.server
-    s.check_model(body.model)
+async def chat_ids(s: ServerState, body, add_special_tokens: bool = True) -> list[int]:
+    """The token ids of a conversation (`body.messages`) rendered by the chat template."""
     messages = chat_messages(s, body)
-    if "chat_template" in (body.chat_template_kwargs or {}):
+    options = body.chat_template_kwargs or {}
+    if "chat_template" in options:
         raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
     render = functools.partial(s.tokenizer.apply_chat_template, messages, tokenize=False,
-                               add_generation_prompt=True, **(body.chat_template_kwargs or {}))  # fmt: skip
+                               add_generation_prompt=True, **options)  # fmt: skip
     try:
         prompt = await s.off_loop(render)
     except Exception as e:
         raise APIError(400, f"the chat template cannot render these messages: {e}") from e
-    ids = await s.off_loop(s.tokenizer.encode, check_text(prompt, "the conversation"))
+    encode = functools.partial(s.tokenizer.encode, add_special_tokens=add_special_tokens)
+    return await s.off_loop(encode, check_text(prompt, "the conversation"))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    s: ServerState = request.app.state.server
+    body = await parse_body(request, ChatRequest)
+    s.check_model(body.model)
+    check_fields(body)
+    ids = await chat_ids(s, body)
     params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=None)
     h = await s.engine.add(ids, params)
     chunk = chat_chunk(f"chatcmpl-{h.request_id}", s.model_name, int(time.time()))
     if body.stream:
         head = chunk(None, None, role="assistant")
-        return EventStream(event_stream(s, h, body, len(ids), chunk, head))
-    out = await final_output(s, h, request)
-    message = {"role": "assistant", "content": out.text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
+        return EventStream(event_stream(s, [h], body, [len(ids)], chunk, head))
+    (out,) = await final_outputs(s, [h], request)
+    done = completion(out)
+    message = {"role": "assistant", "content": done.text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}
     reply = {**chunk(None, None), "object": "chat.completion", "choices": [choice]}
-    return {**reply, "usage": usage(len(ids), out)}
+    return {**reply, "usage": usage(len(ids), len(done.token_ids))}
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None  # either a prompt
+    messages: list[dict] | None = None  # or a conversation, rendered by the chat template
+    chat_template_kwargs: dict | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict:
+    s: ServerState = request.app.state.server
+    body = await parse_body(request, TokenizeRequest)
+    s.check_model(body.model or s.model_name)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages")
+    if body.messages is not None:
+        ids = await chat_ids(s, body, body.add_special_tokens)
+    else:
+        s.check_chars(len(body.prompt), "the prompt")
+        encode = functools.partial(s.tokenizer.encode, add_special_tokens=body.add_special_tokens)
+        ids = await s.off_loop(encode, check_text(body.prompt, "the prompt"))
+    strs = s.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> dict:
+    s: ServerState = request.app.state.server
+    body = await parse_body(request, DetokenizeRequest)
+    s.check_model(body.model or s.model_name)
+    if len(body.tokens) > s.max_model_len:
+        raise APIError(
+            400, f"tokens: {len(body.tokens)} ids; at most max_model_len={s.max_model_len}"
+        )
+    if bad := [t for t in body.tokens if not 0 <= t < len(s.tokenizer)][:5]:
+        raise APIError(
+            400, f"tokens: {bad} are not ids of this vocabulary (0 to {len(s.tokenizer) - 1})"
+        )
+    return {"prompt": await s.off_loop(s.tokenizer.decode, body.tokens)}
 
 
 GRACE_S = 5  # seconds open connections get when the server is asked to stop
@@ -590,7 +980,7 @@ def serve(args: argparse.Namespace) -> None:
                         engine.config.max_model_len, close_engine=True,
                         max_body_bytes=args.max_body_bytes, allowed_hosts=hosts)  # fmt: skip
     print(f"serving {model} as {name!r} on http://{args.host}:{args.port}", flush=True)
-    HeadTimeout.seconds = args.header_timeout
+    HeadTimeout.seconds, HeadTimeout.body_seconds = args.header_timeout, args.body_timeout
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, http=HeadTimeout,
                             log_level=args.log_level, timeout_graceful_shutdown=GRACE_S)  # fmt: skip
     try:
@@ -615,14 +1005,17 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
 
 
 class HeadTimeout(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline: a connection that has not sent a whole request
-    head (request line and headers) `seconds` after it opened, or after its last response, is
-    closed. A client that sends half a request and waits would otherwise hold it forever."""
+    """uvicorn's HTTP/1.1 protocol with two deadlines. A connection that has not sent a whole
+    request head `seconds` after it opened (or after its last response) is closed; a request whose
+    body has not all arrived `body_seconds` after its head gets a 408 and the connection is closed.
+    A client that sends half a request, or trickles its body, would otherwise hold it forever."""
 
     seconds = 10.0
+    body_seconds = 30.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._body = None
         self._arm()
 
     def on_response_complete(self) -> None:
@@ -631,8 +1024,15 @@ class HeadTimeout(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.conn.their_state is not h11.IDLE and getattr(self, "_head", None):
+        state = self.conn.their_state
+        if state is not h11.IDLE and getattr(self, "_head", None):
             self._head.cancel()  # the head has arrived
+            self._head = None
+        if state is h11.SEND_BODY and self._body is None:
+            self._body = self.loop.call_later(self.body_seconds, self._body_too_slow)
+        elif state is not h11.SEND_BODY and self._body is not None:
+            self._body.cancel()  # the body has arrived
+            self._body = None
 
     def _arm(self) -> None:
         if getattr(self, "_head", None):
@@ -642,6 +1042,19 @@ class HeadTimeout(H11Protocol):
     def _too_slow(self) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+    def _body_too_slow(self) -> None:
+        """The body's deadline passed: a 408 if no response has begun, then close the connection (the
+        handler waiting for the body sees a disconnect)."""
+        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        if self.conn.our_state is h11.SEND_RESPONSE:  # no byte of a response sent yet
+            message = f"the request body did not arrive within {self.body_seconds:g} s"
+            error = {"error": {"message": message, "type": "invalid_request_error", "code": 408}}
+            data = json.dumps(error).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+        self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -689,6 +1102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies: 413")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection gets to send a request's headers")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body gets to arrive after its headers (else 408)")  # fmt: skip
     p.add_argument("--allowed-hosts", help="Host header names accepted, comma-separated; '*': any "
                    "(default: the --host address; any for 0.0.0.0)")  # fmt: skip
     b = p.add_argument_group("serving benchmark (--bench)")

@@ -1,16 +1,16 @@
 # Solutions to chapter 8's exercises. Each block replaces the body of the exercise's stub cell.
 
 # %% exercise 8.1
-class CharBudgetLLM(LLM):
+class CharBudget(OutputProcessor):
     max_chars = 20
 
-    def _update(self, req, quiet=False):
+    def update(self, req, quiet=False):
         seq = req.seq
         if not seq.is_finished:
             self._detokenize(req)  # generate() leaves its own requests' text for the end
             if len(req.text) >= self.max_chars:
                 self.scheduler.finish(seq, "length")
-        out = super(CharBudgetLLM, self)._update(req, quiet)
+        out = super().update(req, quiet)
         if out is not None and out.finished:
             out.text = out.text[: self.max_chars]
         return out

@@ -73,7 +73,7 @@ def prompts(lengths, seed=0):
 
 def pool_is_sound(llm):
     """Block-pool invariants: every block free or used, never both; refs match the block tables."""
-    bm = llm.block_manager
+    bm = llm.scheduler.block_manager
     free, used = set(bm.free_block_ids), set(bm.used_block_ids)
     assert not free & used and free | used == set(range(len(bm.blocks)))
     refs = {}

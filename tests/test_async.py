@@ -1,5 +1,6 @@
-"""Async scheduling (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch, then
-launch the next step ahead, then collect), so its bookkeeping is checked here against the plain loop."""
+"""The overlapped loop (chapter 8, step 5b) on the CPU: the same code path as on a GPU (launch the
+next step, reading its PENDING input ids on the device, then collect the one before), so its
+bookkeeping is checked here against the plain loop."""
 import pytest
 
 from cleanvllm.engine import LLM
@@ -33,14 +34,14 @@ def test_same_outputs_with_every_kind_of_request(engines):
     for llm in (on, off):
         outs = llm.generate(ps, sps, use_tqdm=False)
         got[llm is on] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
-        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
         pool_is_sound(llm)
     assert got[True] == got[False]
     assert got[True][3][2] == "stop" and got[True][4][0] and len(got[True][4][0]) == 1
 
 
 def test_adding_and_aborting_while_a_step_is_pending(engines):
-    """step() by hand: abort one request while a step launched ahead holds it, add another; the
+    """step() by hand: abort one request while a step in flight holds it, add another; the
     others' tokens equal the plain loop's, the aborted one ends 'abort', no block is lost."""
     on, off = engines
     ps = prompts([12, 30, 7, 20], seed=3)
@@ -55,7 +56,7 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
             for o in llm.step():
                 if o.finished:
                     done[o.request_id] = (o.token_ids, o.finish_reason)
-            pending_seen |= llm.pending is not None
+            pending_seen |= bool(llm.in_flight)
             if step == 4:
                 llm.abort_request(ids[1])
                 ids.append(llm.add_request(ps[3], sp))
@@ -63,22 +64,22 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
         assert not llm.has_unfinished_requests()
         assert pending_seen == (llm is on)
         runs[llm is on] = [done.get(i, ("aborted", None)) for i in ids]
-        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert runs[True][0] == runs[False][0] and runs[True][2:] == runs[False][2:]
     assert all(len(t) == 18 for t, _ in [runs[True][0], *runs[True][2:]])
 
 
 def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
-    """The last step launched ahead may hold only sequences that then stopped on a stop token: the
-    next step() waits for it, drops it, and does the next real work (or reports nothing)."""
+    """The last step launched may hold only sequences that then stopped on a stop token: the next
+    step() waits for it, drops its tokens, and does the next real work (or reports nothing)."""
     on, _ = engines
     p = prompts([10], seed=7)[0]
     first = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     out = on.generate([p], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[3]]),
                       use_tqdm=False)[0]
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:4]
-    assert on.pending is None or not any(s.status.name == "RUNNING" for s in on.pending[0])
-    assert on.step() == [] and on.pending is None
-    assert on.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
+    assert all(s.is_finished for step in on.in_flight for s in step.seqs)
+    assert on.step() == [] and not on.in_flight
+    assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
     nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     assert nxt.token_ids == first.token_ids

@@ -1,6 +1,6 @@
 """The block manager (chapter 3): each task against a pool built by hand, then the pool's rules
 under random operations (a hypothesis state machine: allocate with shared prefixes, chunked
-computation and hash_blocks, decode with can_append / may_append, reserve_ahead, deallocate once or
+computation and hash_blocks, decode with can_append / may_append, deallocate once or
 twice, in a pool small enough to evict cached prefixes).
 
 The tests run in task order and `make check CH=03` stops at the first failure, so a mistake is
@@ -333,24 +333,6 @@ def test_may_append_without_a_free_block_raises():
     assert seq.block_table == [0], "may_append without a free block must leave the table alone"
 
 
-@pytest.mark.tasks("3.11")
-def test_reserve_ahead_is_all_or_none():
-    bm = BlockManager(num_blocks=4, block_size=BS)
-    full, half = Sequence(list(range(8)), block_size=BS), Sequence(list(range(6)), block_size=BS)
-    bm.allocate(full)
-    bm.allocate(half)
-    before = snapshot(bm)
-    assert bm.reserve_ahead([full, half]) is False, "no free block: reserve_ahead must say False"
-    assert snapshot(bm) == before and full.block_table == [0, 1], "a refused reserve changed the pool"
-    bm.deallocate(half)
-    assert bm.reserve_ahead([full]) is True and full.block_table == [0, 1, 3], full.block_table
-    assert bm.reserve_ahead([full]) is True and full.block_table == [0, 1, 3], "reserved twice"
-    full.append_token(99)
-    bm.may_append(full)
-    assert full.block_table == [0, 1, 3], "may_append opened a second block for a reserved token"
-    assert_sound(bm, [full], "reserve_ahead, then may_append")
-
-
 # --- random operations: the pool's rules hold after every one -----------------------------------
 
 PREFIXES = [[], SYSTEM[:4], SYSTEM[:8], SYSTEM, [1, 2, 3, 0, 1, 2]]
@@ -358,7 +340,7 @@ PREFIXES = [[], SYSTEM[:4], SYSTEM[:8], SYSTEM, [1, 2, 3, 0, 1, 2]]
 
 class Pool(RuleBasedStateMachine):
     """Requests arrive with shared prefixes or go on from requests that left, are computed in
-    chunks, decode, reserve ahead and leave (once or twice), in a pool small enough that
+    chunks, decode and leave (once or twice), in a pool small enough that
     allocations evict cached prefixes."""
 
     def __init__(self):
@@ -420,19 +402,6 @@ class Pool(RuleBasedStateMachine):
                 self.bm.deallocate(seq)
                 self.live.remove(seq)
 
-    @rule(data=st.data())
-    def reserve(self, data):
-        done = [s for s in self.live if s.num_cached_tokens == len(s)]
-        batch = data.draw(st.lists(st.sampled_from(done), unique_by=id)) if done else []
-        need = sum(len(s.block_table) * BS <= len(s) for s in batch)
-        free, tables = self.bm.num_free_blocks, [list(s.block_table) for s in batch]
-        ok = self.bm.reserve_ahead(batch)
-        assert ok == (need <= free), f"reserve_ahead said {ok}: {need} blocks needed, {free} free"
-        if ok:
-            assert all(len(s.block_table) * BS > len(s) for s in batch), "a reserved slot is missing"
-        else:
-            assert [s.block_table for s in batch] == tables, "a refused reserve_ahead changed a table"
-
     @rule(data=st.data(), twice=st.booleans())
     def free(self, data, twice):
         if self.live:
@@ -449,8 +418,7 @@ class Pool(RuleBasedStateMachine):
             problems = pool_problems(self.bm, self.live)
             assert not problems, "; ".join(problems[:3])
             for s in self.live:
-                top = -(-(len(s) + 1) // BS)  # at most one block reserved ahead
-                assert s.num_blocks <= len(s.block_table) <= top, \
+                assert s.num_blocks == len(s.block_table), \
                     f"{s} holds {len(s.block_table)} blocks for {len(s)} tokens"
 
 
@@ -459,5 +427,5 @@ class Pool(RuleBasedStateMachine):
 Pool.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                   phases=[Phase.explicit, Phase.reuse, Phase.generate])
 TestPoolUnderRandomOperations = pytest.mark.tasks(
-    "3.2", "3.3", "3.4", "3.5", "3.6", "3.7", "3.8", "3.9", "3.10", "3.11"
+    "3.2", "3.3", "3.4", "3.5", "3.6", "3.7", "3.8", "3.9", "3.10"
 )(Pool.TestCase)

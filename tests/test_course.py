@@ -1,6 +1,7 @@
 """The course's plumbing (cleanvllm/course.py): what a learner sees when something is wrong."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,26 @@ def _kernel_run(cells: list[str], cwd: Path) -> str:
     nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_a_wrong_value_shows_one_line_and_a_crash_its_traceback(tmp_path):
+    """In a kernel after setup(): a check that found a wrong value prints its message alone (no
+    frames of course.py to read past); one whose code raised keeps the traceback of that code."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in [
+        "from cleanvllm.course import check, expect, setup\nsetup()",
+        '@check("9.1", "double")\ndef _():\n    expect(5, 6, "double(3)")',
+        'def double(x):\n    return [x][1]\n@check("9.2", "double")\ndef _():\n    double(3)',
+    ]]
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    wrong, crash = (c.outputs[-1] for c in nb.cells[1:])
+    assert (wrong.ename, wrong.evalue) == ("CheckFailed", "Task 9.1 (double): double(3): expected 6, got 5")
+    assert not any("course.py" in line for line in wrong.traceback), wrong.traceback
+    assert crash.evalue == "Task 9.2 (double): your code raised IndexError: list index out of range"
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(crash.traceback))  # without the colors
+    assert "return [x][1]" in plain, "the learner's line should be shown"
 
 
 def test_export_refuses_unchecked_or_unsaved_notebooks(tmp_path):

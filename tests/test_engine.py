@@ -22,7 +22,7 @@ def test_greedy_matches_transformers(llm, hf_model):
     for p, o in zip(ps, outs):
         assert o.token_ids == hf_greedy(hf_model, p, 32)
         assert o.finish_reason == "length" and o.prompt_token_ids == p
-    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
 
 
 def test_prefix_cache_hits_keep_outputs(llm, hf_model):
@@ -52,7 +52,7 @@ def test_preemption_and_chunking_keep_outputs(tiny_model, hf_model):
              max_num_batched_tokens=64) as small:
         outs = small.generate(ps, GREEDY, use_tqdm=False)
         assert small.scheduler.num_preemptions > 0
-        assert small.block_manager.num_free_blocks == 12
+        assert small.scheduler.block_manager.num_free_blocks == 12
     for p, o in zip(ps, outs):
         assert o.token_ids == hf_greedy(hf_model, p, 32)
 
@@ -131,7 +131,7 @@ def test_step_reports_every_token_once_and_finishes_once(tiny_model, hf_model):
         ids, seen = _stream(llm, [(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
                                   for p, n in zip(ps, lens)])
         assert llm.step() == [] and not llm.has_unfinished_requests()
-        assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+        assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     for rid, p, n in zip(ids, ps, lens):
         outs = seen[rid]
         ref = hf_greedy(hf_model, p, n)
@@ -173,7 +173,7 @@ def test_incremental_text_never_splits_a_character(llm):
     shown = []
     for t in ids:
         req.seq.append_token(t)
-        llm._detokenize(req)
+        llm.outputs._detokenize(req)
         shown.append(req.text)
     assert req.text == text
     assert all(text.startswith(s) and not s.endswith("\ufffd") for s in shown)

@@ -39,9 +39,9 @@ def test_fused_kernels_give_the_same_tokens_as_one_kernel_per_operation(tiny_mod
 
 
 def test_async_scheduling_gives_the_same_tokens_on_gpu(tiny_model):
-    """Decode steps launched ahead on CUDA graphs (input ids gathered on the device from the step
-    before) give the tokens of the plain loop: greedy rows, a seeded row (eager sampler on graph
-    logits), a row that ends early on a stop token (its launched-ahead token dropped)."""
+    """The overlapped loop on CUDA graphs (PENDING input ids read on the device from the step
+    before) gives the tokens of the plain loop: greedy rows, a seeded row (eager sampler on graph
+    logits), a row that ends early on a stop token (its row in the next step dropped)."""
     ps = _prompts([3, 17, 40, 9, 64, 5, 33, 250])
     outs = {}
     for on in (False, True):
@@ -51,7 +51,7 @@ def test_async_scheduling_gives_the_same_tokens_on_gpu(tiny_model):
             sps[1] = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[5]])
             sps[2] = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
             outs[on] = [o.token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
-            assert llm.pending is None or all(s.is_finished for s in llm.pending[0])
+            assert all(s.is_finished for step in llm.in_flight for s in step.seqs)
     assert outs[True] == outs[False]
 
 

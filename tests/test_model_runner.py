@@ -247,3 +247,32 @@ def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
     assert dec.input_ids == [s.token_ids[-1] for s in seqs] and dec.context_lens == [len(s) for s in seqs]
     assert dec.cu_seqlens_q == list(range(len(seqs) + 1)) and dec.max_seqlen_q == 1
     assert dec.num_generated == [len(s) - s.num_prompt_tokens for s in seqs]
+
+
+@pytest.mark.tasks("7.17")
+def test_the_persistent_batch_gives_every_sequence_its_whole_table():
+    """Random steps of sequences that join, grow a block, leave, come back or are prefilled again
+    (a new table): the rows a step gets always hold exactly the tables it was given, though a
+    decode step writes only new blocks, and two sequences of a step never share a row."""
+    import random
+    from types import SimpleNamespace
+
+    from cleanvllm.model_runner import InputBatch
+
+    rng, pb, tables = random.Random(0), InputBatch(rows=4, width=8), {}
+    for _ in range(400):
+        prefill = rng.random() < 0.3 or not tables
+        pool = range(10) if prefill else list(tables)
+        ids = rng.sample(pool, min(len(pool), rng.randint(1, 4)))
+        for i in ids:
+            if prefill:
+                tables[i] = [rng.randrange(100) for _ in range(rng.randint(1, 6))]
+            elif len(tables[i]) < 8 and rng.random() < 0.3:
+                tables[i] = tables[i] + [rng.randrange(100)]  # a decode step opened a block
+        batch = SimpleNamespace(is_prefill=prefill, seq_ids=ids, block_tables=[tables[i] for i in ids],
+                                params=[SamplingParams(temperature=i / 10) for i in ids])
+        rows = pb.rows(batch)
+        assert len(set(rows)) == len(rows), rows
+        for r, i in zip(rows, ids):
+            assert pb.block_tables[r, : len(tables[i])].tolist() == tables[i], (i, r)
+            assert abs(pb.temperatures[r] - i / 10) < 1e-6

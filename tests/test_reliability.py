@@ -37,10 +37,10 @@ def llm(tiny_model):
     ([[1], {"text": "hi"}], GREEDY, r"prompt 1 is a dict with keys \['text'\]"),
 ])
 def test_bad_requests_fail_before_any_work_and_engine_stays_usable(llm, prompts, params, message):
-    before = (len(llm.requests), llm.block_manager.num_free_blocks, llm.scheduler.num_preemptions)
+    before = (len(llm.requests), llm.scheduler.block_manager.num_free_blocks, llm.scheduler.num_preemptions)
     with pytest.raises(ValueError, match=message):
         llm.generate(prompts, params, use_tqdm=False)
-    assert (len(llm.requests), llm.block_manager.num_free_blocks, llm.scheduler.num_preemptions) == before
+    assert (len(llm.requests), llm.scheduler.block_manager.num_free_blocks, llm.scheduler.num_preemptions) == before
     assert not llm.has_unfinished_requests()
     assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == 8
 
@@ -72,7 +72,7 @@ def test_memory_pressure_120_requests_match_a_large_cache(tiny_model):
     with LLM(tiny_model, num_kvcache_blocks=10 + 3, **kw) as small:  # one 160-token sequence needs 10 blocks
         tight = small.generate(prompts, params, use_tqdm=False)
         preempted = small.scheduler.num_preemptions
-        assert small.block_manager.num_free_blocks == 13
+        assert small.scheduler.block_manager.num_free_blocks == 13
     with LLM(tiny_model, **kw) as big:
         roomy = big.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
@@ -102,7 +102,7 @@ def test_soak_waves_lose_nothing_and_leak_nothing(llm):
         assert set(done) == set(ids)
         assert all(done[i].prompt_token_ids == p for i, p in ids.items())
         gc.collect()
-        usage.append((len(llm.block_manager.used_block_ids), len(llm.requests), len(gc.get_objects()), _open_fds()))
+        usage.append((len(llm.scheduler.block_manager.used_block_ids), len(llm.requests), len(gc.get_objects()), _open_fds()))
     assert all(u[0] == 0 and u[1] == 0 for u in usage)
     objs, fds = [u[2] for u in usage[1:]], [u[3] for u in usage[1:]]
     assert max(objs) - min(objs) < 2000, usage  # no growth of live Python objects between waves
@@ -122,7 +122,7 @@ def test_keyboard_interrupt_leaves_the_engine_usable(llm, monkeypatch):
         llm.generate([[1, 2, 3]] * 5, GREEDY, use_tqdm=False)
     monkeypatch.undo()
     assert not llm.has_unfinished_requests() and not llm.requests
-    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
 
 
@@ -148,16 +148,16 @@ def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_mod
         llm.generate(ps, GREEDY, use_tqdm=False)
     monkeypatch.undo()
     assert not llm.requests and not llm.scheduler.waiting and not llm.scheduler.running
-    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
 
-# (point, which call of it): a prefill runs through execute, the first decode step through
-# schedule and launch, later ones are launched ahead (schedule_ahead) and read by collect
-POINTS = [("schedule", 2), ("prepare_batch", 2), ("execute", 1), ("launch", 3),
-          ("schedule_ahead", 3), ("collect", 4), ("postprocess:before", 4), ("postprocess:after", 4),
-          ("update", 4)]
+# (point, which call of it): the overlapped loop launches a step (schedule, launch), counts it
+# (postprocess with PENDING tokens), launches the next, then collects and fills the first
+POINTS = [("schedule", 2), ("prepare_batch", 2), ("launch", 1), ("launch", 3), ("collect", 1),
+          ("collect", 4), ("postprocess:before", 4), ("postprocess:after", 4), ("fill:before", 3),
+          ("fill:after", 3), ("update", 4)]
 
 
 @pytest.mark.parametrize("point,nth", POINTS)
@@ -171,8 +171,8 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
     other_id = llm.add_request(other, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     name, _, when = point.partition(":")
     owner = {"prepare_batch": engine_module, "execute": llm.runner, "launch": llm.runner,
-             "collect": llm.runner, "update": llm}.get(name, llm.scheduler)
-    real, calls = getattr(owner, {"update": "_update"}.get(name, name)), {"n": 0}
+             "collect": llm.runner, "update": llm.outputs}.get(name, llm.scheduler)
+    real, calls = getattr(owner, name), {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -183,7 +183,7 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
             raise KeyboardInterrupt
         return result
 
-    monkeypatch.setattr(owner, {"update": "_update"}.get(name, name), interrupted)
+    monkeypatch.setattr(owner, name, interrupted)
     own = []
     real_enqueue = llm._enqueue
     monkeypatch.setattr(llm, "_enqueue", lambda req: own.append(real_enqueue(req)) or own[-1])
@@ -201,7 +201,7 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
         pool_is_sound(llm)
     assert list(finished) == [other_id], "the earlier request was lost or a foreign one appeared"
     assert finished[other_id].token_ids == hf_greedy(hf_model, other, 12)
-    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
@@ -296,13 +296,13 @@ def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch
     sequence stayed in the scheduler holding its blocks, and every later generate() failed."""
     rid = llm.add_request(_prompts([40], seed=21)[0], GREEDY)
     llm.step()  # prefill: the request holds its blocks
-    real = llm.block_manager.deallocate
+    real = llm.scheduler.block_manager.deallocate
 
     def interrupted(seq):
-        monkeypatch.setattr(llm.block_manager, "deallocate", real)  # once
+        monkeypatch.setattr(llm.scheduler.block_manager, "deallocate", real)  # once
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llm.block_manager, "deallocate", interrupted)
+    monkeypatch.setattr(llm.scheduler.block_manager, "deallocate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.abort_request(rid)
     monkeypatch.undo()
@@ -310,7 +310,7 @@ def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch
     llm.abort_request(rid)
     pool_is_sound(llm)
     assert not llm.scheduler.running and not llm.scheduler.waiting and not llm.requests
-    assert llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert llm.step() == [] and not llm.has_unfinished_requests()
     p = _prompts([6], seed=22)[0]
     assert llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids == hf_greedy(hf_model, p, 8)
@@ -325,7 +325,7 @@ def test_abort_of_unknown_or_finished_ids_and_an_idle_step(llm):
     rid = llm.add_request([4, 5, 6], GREEDY)
     llm.abort_request(rid)
     llm.abort_request(rid)
-    assert llm.step() == [] and llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert llm.step() == [] and llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
 
 
 def test_stop_strings_decode_each_token_a_bounded_number_of_times(llm, monkeypatch):
@@ -380,5 +380,5 @@ def test_a_second_ctrl_c_during_generates_clean_up_waits_for_it(llm, monkeypatch
     monkeypatch.undo()
     assert calls["abort"] == 4, "the clean-up was cut short: not every request was aborted"
     pool_is_sound(llm)
-    assert not llm.requests and llm.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
+    assert not llm.requests and llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8

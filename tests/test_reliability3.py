@@ -152,7 +152,7 @@ def test_abort_and_add_from_another_thread_while_steps_run(llm, hf_model):
     assert len(added) > 3, "the other thread should have added requests during the steps"
     assert [outs[r].token_ids for r in keep] == [hf_greedy(hf_model, p, 30) for p in ps[:3]]
     pool_is_sound(llm)
-    assert llm.block_manager.num_free_blocks == len(llm.block_manager.blocks)
+    assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
 
 
 def test_a_second_thread_running_the_engine_is_refused_by_name(llm, hf_model):
@@ -181,21 +181,21 @@ def test_an_abort_from_another_thread_ends_a_generate_call_with_abort(llm):
     ps = prompts([10, 11], seed=7)
     sp = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
     first_id = []
-    real = llm._new_requests
+    real = llm.inputs.requests
 
     def spy(*a):
         reqs = real(*a)
         first_id.append(reqs[0].seq.seq_id)
         return reqs
 
-    llm._new_requests = spy
+    llm.inputs.requests = spy
     try:
         timer = threading.Timer(0.3, lambda: llm.abort_request(first_id[0]))
         timer.start()
         outs = llm.generate(ps, [sp, GREEDY], use_tqdm=False)
         timer.join()
     finally:
-        del llm._new_requests
+        del llm.inputs.requests
     assert outs[0].finish_reason == "abort" and len(outs[0].token_ids) < 300, outs[0].finish_reason
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == GREEDY.max_tokens
     assert not llm.has_unfinished_requests() and llm.step() == []
@@ -237,7 +237,7 @@ def test_a_stopped_tensor_parallel_worker_is_named_within_seconds(tiny_model):
     """A worker that is alive but stopped (SIGSTOP) used to hold rank 0 in gloo for 120 s and end in
     gloo's raw timeout. The watchdog names it within 10 s and the engine closes."""
     engine = LLM(tiny_model, tensor_parallel_size=2, **KW)
-    worker = engine.workers[0]
+    worker = engine.workers.procs[0]
     stopped = []
 
     def stop_it():

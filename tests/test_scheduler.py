@@ -11,9 +11,9 @@ import pytest
 
 from cleanvllm.block_manager import BlockManager  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.scheduler import Scheduler  # noqa: E402
+from cleanvllm.scheduler import PENDING, Scheduler  # noqa: E402
 from cleanvllm.sequence import Sequence, SequenceStatus  # noqa: E402
-from cleanvllm.simulate import fake_next_token, simulate  # noqa: E402
+from cleanvllm.simulate import FakeModel, fake_next_token, simulate  # noqa: E402
 
 CHAPTERS = ("04",)  # `make check CH=04` runs this file (tools/check.py)
 SCHEDULING = ("4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7", "4.8")
@@ -308,22 +308,54 @@ def test_abort_anywhere_twice_frees_everything_and_keeps_a_finished_reason():
     assert all(blk.ref_count == 0 for blk in sch.block_manager.blocks)
 
 
-@pytest.mark.tasks("4.10")
-def test_schedule_ahead_goes_on_only_with_sequences_that_surely_decode_again():
-    sch = Scheduler(4, 64, BlockManager(6, 4))
-    a, b = running(sch, [1, 2, 3], [4, 5, 6, 7, 8], max_tokens=4)  # 4 and 6 tokens, 1 generated
-    (last,) = running(sch, [9, 10], max_tokens=2)  # the token in flight is its 2nd and last
-    assert ids(sch.schedule_ahead([a, b, last])) == ids([a, b])
-    assert [len(s.block_table) for s in (a, b, last)] == [2, 2, 1]  # a's next token starts a block
-    a.append_token(0)  # a has 2 generated; the token in flight is its 3rd, max_tokens 4: goes on
-    assert ids(sch.schedule_ahead([a])) == ids([a])
-    a.append_token(0)  # 3 generated: the token in flight is its last
-    assert sch.schedule_ahead([a]) is None
-    sch.add(Sequence([1], block_size=4))
-    assert sch.schedule_ahead([b]) is None  # a request waits: schedule() decides
-    full = Scheduler(4, 64, BlockManager(2, 4))
-    x, y = running(full, [1, 2, 3], [4, 5, 6])  # both open a block next, none is free
-    assert full.schedule_ahead([x, y]) is None and [len(x.block_table), len(y.block_table)] == [1, 1]
+def _stop_workload(seed, n=24, bs=8):
+    rng = random.Random(seed)
+    seqs = []
+    for _ in range(n):
+        m = rng.randint(1, 30)
+        sp = SamplingParams(max_tokens=m, stop_token_ids=[rng.randint(0, 49)], min_tokens=rng.randint(0, min(m, 3)))
+        seqs.append(Sequence([rng.randint(0, 49) for _ in range(rng.randint(1, 40))], sp, block_size=bs))
+    return seqs
+
+
+def _overlapped(sch: Scheduler, seqs: list[Sequence], model: FakeModel) -> None:
+    """Chapter 8's overlapped loop on the fake model: a step is scheduled and run before the one
+    before it is filled; it is counted with PENDING tokens, and filled one step later."""
+    for s in seqs:
+        sch.add(s)
+    in_flight = None  # (sequences, their sampled tokens): run, not yet filled
+    while not sch.is_finished() or in_flight:
+        batch = sch.schedule()[0] if not sch.is_finished() else []
+        sampled = dict(zip(map(id, in_flight[0]), in_flight[1])) if in_flight else {}
+        pending = [s for s in batch if s.token_ids[-1] == PENDING]
+        for s in pending:  # the device reads the value the step before sampled; the host does not
+            s.token_ids[-1] = sampled[id(s)]
+        out = model.execute(batch)
+        for s in pending:
+            s.token_ids[-1] = PENDING
+        if in_flight:
+            sch.fill(*in_flight)
+        live = [s for s in batch if s.status == SequenceStatus.RUNNING]
+        sch.postprocess(live, [PENDING] * len(live))
+        in_flight = (batch, out) if batch else None
+
+
+@pytest.mark.tasks("4.8", "4.10")
+@pytest.mark.parametrize("seed", range(3))
+def test_counting_pending_tokens_then_filling_them_changes_no_output(seed):
+    """Stop tokens, min_tokens, max_tokens, chunked prefill and preemption in a small pool: the
+    overlapped loop (count with PENDING, fill a step later) gives the plain loop's tokens and
+    reasons, and leaves every block free."""
+    runs = []
+    for overlap in (False, True):
+        sch, seqs = Scheduler(6, 32, BlockManager(24, 8)), _stop_workload(seed)
+        model = FakeModel(24, 8, vocab=50)
+        _overlapped(sch, seqs, model) if overlap else simulate(sch, seqs, model)
+        runs.append([(s.completion_token_ids, s.finish_reason) for s in seqs])
+        assert sch.block_manager.num_free_blocks == 24 and sch.is_finished()
+        assert all(PENDING not in s.token_ids for s in seqs)
+    assert runs[1] == runs[0]
+    assert {r for _, r in runs[0]} == {"stop", "length"}, "the workload should end both ways"
 
 
 @pytest.mark.tasks(*SCHEDULING)

@@ -20,7 +20,7 @@ CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
 MAX_MODEL_LEN = 512
 ARGS = ("--served-model-name", "tiny", "--threads", "1", "--max-model-len", str(MAX_MODEL_LEN),
-        "--header-timeout", "1")
+        "--header-timeout", "1", "--body-timeout", "2")
 
 
 def start(tiny_model, tmp_path, *extra):
@@ -169,6 +169,93 @@ def test_a_half_sent_request_is_closed_after_the_header_timeout(server):
             got = None
         took = time.monotonic() - t
     assert got == b"" and took < 5, f"the connection was still open after {took:.1f} s ({got!r})"
+
+
+def test_a_trickled_body_gets_a_408_after_the_body_timeout(server):
+    """The head at once, then the body a byte every 0.2 s: past the header timeout (1 s here) the
+    connection stays; at the body timeout (2 s here) it gets a 408 and is closed. Before, such a
+    client held its connection and handler for as long as it kept trickling."""
+    host, port = server.removeprefix("http://").split(":")
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: "
+                  b"application/json\r\ncontent-length: 1000\r\n\r\n{")
+        t = time.monotonic()
+        s.settimeout(0.2)
+        while time.monotonic() - t < 15:
+            try:
+                s.sendall(b" ")
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # reset once closed
+                break
+            if not data:
+                break
+            got += data
+        took = time.monotonic() - t
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), got[:300]
+    assert json.loads(body)["error"]["code"] == 408, body
+    assert 1.5 < took < 6, f"closed after {took:.1f} s; the body timeout is 2 s"
+
+
+def stream_gaps_during(url, requests: dict) -> tuple[dict, float, dict]:
+    """Send each body while another client streams: {what: the stream's longest gap during it},
+    the 99th percentile of its gaps at other times, and {what: status}."""
+    stamps, stop = [], threading.Event()
+
+    def streamer():
+        body = {"model": "tiny", "prompt": "Count:", "max_tokens": 480, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.perf_counter())
+                if stop.is_set():
+                    break
+
+    t = threading.Thread(target=streamer)
+    t.start()
+    while len(stamps) < 5:
+        time.sleep(0.01)
+    windows, statuses = {}, {}
+    for what, (path, data) in requests.items():
+        time.sleep(0.3)
+        a = time.perf_counter()
+        r = httpx.post(url + path, content=data, timeout=60, headers={"content-type": "application/json"})
+        windows[what], statuses[what] = (a, time.perf_counter()), r
+    time.sleep(0.3)
+    stop.set()
+    t.join(120)
+    gaps = list(zip(stamps, stamps[1:]))
+    worst = {what: max([b - a for a, b in gaps if b > w0 and a < w1], default=0)
+             for what, (w0, w1) in windows.items()}
+    calm = sorted(b - a for a, b in gaps
+                  if not any(b > w0 and a < w1 for w0, w1 in windows.values()))
+    return worst, calm[int(0.99 * len(calm))], statuses
+
+
+def test_parsing_a_body_of_many_values_never_stalls_another_stream(server):
+    """4 MiB bodies of many small values, within the body limit: json.loads holds the GIL (no
+    thread helps) for 0.3 s (a list of one-character prompts) to 1.3 s (small nested lists), and
+    every other stream waited that long for its next token. Parsed in a separate process now, and
+    refused there (more than MAX_JSON_VALUES values): the stream's longest gap stays near its usual."""
+    MiB = 2**20
+    dumps = lambda body: json.dumps({"model": "tiny", "max_tokens": 4, **body})  # noqa: E731
+    post(server, "/v1/completions", {"model": "tiny", "prompt": ["a"] * 200_000})  # starts the parser
+    worst, calm, statuses = stream_gaps_during(server, {
+        "1-char prompts": ("/v1/completions", dumps({"prompt": ["a"] * (4 * MiB // 5 - 40)})),
+        "nested lists": ("/v1/completions", dumps({"prompt": "hi", "metadata": [[[1]]] * (4 * MiB // 8 - 40)})),
+        "4 MiB string": ("/v1/completions", dumps({"prompt": "word " * (4 * MiB // 5 - 40)})),
+    })
+    print(f"the stream's longest gap during each (ms): { {k: round(1e3 * v) for k, v in worst.items()} }; "
+          f"p99 at other times {1e3 * calm:.0f} ms")
+    for what, r in statuses.items():
+        assert r.status_code == 400, (what, r.text[:200])
+        assert ("JSON values" in r.text) == (what != "4 MiB string"), r.text[:200]
+    for what, gap in worst.items():
+        assert gap < max(0.4, 2 * calm), f"{what}: the stream waited {gap:.2f} s for a token"
 
 
 def test_the_host_header_must_name_this_server(server):

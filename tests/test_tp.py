@@ -56,7 +56,7 @@ def test_tp2_is_exact_and_other_engines_never_corrupt_it(tp, tiny_model, hf_mode
     assert [o.token_ids for o in one.generate(ps, GREEDY, use_tqdm=False)] == refs
     one.close()
     assert torch.distributed.is_initialized()  # the TP=1 engine left the TP group alone
-    assert tp.workers[0].is_alive()
+    assert tp.workers.procs[0].is_alive()
     assert [o.token_ids for o in tp.generate(ps, GREEDY, use_tqdm=False)] == refs
 
 
@@ -65,7 +65,7 @@ def test_ctrl_c_during_a_tp_generate_then_the_next_call_is_right(tp, hf_model, s
     ps = prompts([5, 9, 13], seed=1)
 
     def ctrl_c():
-        os.kill(tp.workers[0].pid, signal.SIGINT)
+        os.kill(tp.workers.procs[0].pid, signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
     timer = threading.Timer(0.5, ctrl_c)
@@ -75,16 +75,16 @@ def test_ctrl_c_during_a_tp_generate_then_the_next_call_is_right(tp, hf_model, s
             tp.generate(ps, LONG, use_tqdm=False)  # >= 200 steps of >= 20 ms: still running
     finally:
         timer.join()
-    assert not tp.closed and tp.workers[0].is_alive()
+    assert not tp.closed and tp.workers.procs[0].is_alive()
     assert not tp.has_unfinished_requests()
-    assert tp.block_manager.num_free_blocks == tp.runner.num_kvcache_blocks
+    assert tp.scheduler.block_manager.num_free_blocks == tp.runner.num_kvcache_blocks
     outs = tp.generate(ps, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 16) for p in ps]
 
 
 def test_a_worker_killed_mid_generate_is_named_and_the_engine_closes(tp, slow_steps):
     """Item 10: an error naming the rank (not a bare EOFError), and a closed engine."""
-    worker = tp.workers[0]
+    worker = tp.workers.procs[0]
     timer = threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL))
     timer.start()
     t = time.monotonic()
