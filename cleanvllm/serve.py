@@ -61,7 +61,7 @@ class Handle:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request_id: int | None = None  # set by the engine thread when the engine accepts the request
+    request_id: str | None = None  # set by the engine thread when the engine accepts the request
     arrival: float = field(default_factory=time.perf_counter)  # for /metrics' latencies (step 6b)
     tokens_seen: int = 0  # completion tokens in the last output the handler took
     last_token: float = 0.0  # when that output came
@@ -568,12 +568,12 @@ class EngineState:
     cached_tokens: int = 0  # and how many of those the prefix cache holds now
 
 
-def engine_state(engine: LLMEngine, request_ids: list[int] = ()) -> EngineState:
+def engine_state(engine: LLMEngine, request_ids: list[str] = ()) -> EngineState:
     """The engine's state, for the engine thread only. It reads engine.scheduler.running and
     .waiting (their lengths), engine.block_manager.num_free_blocks, .blocks, .block_size, and
     for each new request engine.requests[id].seq with block_manager._cached_prefix(seq), a pure
     look-up of the prompt's blocks in the prefix cache as the request arrives."""
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     seqs = [engine.requests[i].seq for i in request_ids if i in engine.requests]
     hits = sum(len(bm._cached_prefix(seq)) for seq in seqs) * bm.block_size
     used = 1 - bm.num_free_blocks / len(bm.blocks)
@@ -638,8 +638,8 @@ class Metrics:
 
 
 def completion(out: RequestOutput):
-    """The generated part of an output: text, token_ids, finish_reason (vLLM: out.outputs[0])."""
-    return out
+    """The generated part of an output: text, token_ids, finish_reason (vLLM's out.outputs[0])."""
+    return out.outputs[0]
 
 
 @router.get("/metrics")
