@@ -489,13 +489,16 @@ class LLMEngine:
     def _step_overlapped(self, outputs: dict, quiet) -> StepStats:
         """Launch the next step before collecting the one in flight: the GPU computes it while Python
         records the last one. Each call still returns the tokens of one step."""
+        while self.in_flight and not any(s.request_id in self.requests for s in self.in_flight[0].seqs):
+            self._collect(outputs, quiet)  # nobody waits for its tokens (aborted, stopped): drop it
         if not self.in_flight:  # nothing on the device: start a step first
             if self.scheduler.is_finished():
                 return StepStats(False, 0, 0)
             self._launch()
             self._count(self.in_flight[0])
-        if not self.scheduler.is_finished() and not self._needs_tokens():
-            self._launch()  # a penalty needs every token known: such steps run one at a time
+        ahead = not self.in_flight[0].stats.is_prefill and not self.scheduler.is_finished()
+        if ahead and not self._needs_tokens():  # a penalty needs every token known first
+            self._launch()  # behind a decode step: a prefill's host work is small beside its GPU work
         stats = self._collect(outputs, quiet)
         if self.in_flight:  # after the collect: it may have stopped some of this step's sequences
             self._count(self.in_flight[0])

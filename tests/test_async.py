@@ -83,3 +83,18 @@ def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
     nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     assert nxt.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_each_call_returns_the_tokens_of_one_step(engines):
+    """A request alone: the prefill gives its first token, each decode step one more, and each
+    step() call returns exactly one new token in both loops (max_tokens calls in all)."""
+    on, off = engines
+    for llm in (on, off):
+        for n, p in zip((1, 5, 9), prompts([6, 21, 14], seed=4)):
+            rid = llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            got = []
+            while llm.has_unfinished_requests():
+                (out,) = [o for o in llm.step() if o.request_id == rid]
+                got.append((len(out.outputs[0].token_ids), out.finished))
+            assert got == [(k, k == n) for k in range(1, n + 1)], (llm is on, got)
+            assert not llm.in_flight
