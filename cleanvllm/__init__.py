@@ -4,7 +4,7 @@ Every other module in this package is generated from a notebook by `make export`
 """
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "SamplingParams"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from cleanvllm.sampling_params import SamplingParams
 
         return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from cleanvllm import outputs
+
+        return getattr(outputs, name)
     raise AttributeError(f"module 'cleanvllm' has no attribute {name!r}")

@@ -140,7 +140,7 @@ def time_generate(llm, prompts, params) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     sync()
     seconds = time.perf_counter() - t
-    tokens = sum(len(o.token_ids) for o in outs)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     if tokens != sum(p.max_tokens for p in params):
         raise RuntimeError(
             f"the engine returned {tokens} tokens, the requests asked for "

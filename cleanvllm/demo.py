@@ -37,9 +37,9 @@ def main(
         dt = time.perf_counter() - t
     for q, o in zip(questions, outs):
         print(
-            f"\n> {q}\n{o.text.strip()}\n  [{len(o.token_ids)} tokens, finish: {o.finish_reason}]"
+            f"\n> {q}\n{o.outputs[0].text.strip()}\n  [{len(o.outputs[0].token_ids)} tokens, finish: {o.outputs[0].finish_reason}]"
         )
-    n = sum(len(o.token_ids) for o in outs)
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
     print(
         f"\n{len(outs)} requests, {n} tokens in {dt:.1f} s ({n / dt:.0f} tokens/s, prefill included)"
     )
@@ -52,11 +52,14 @@ def bench_prompts(
     """n prompts of real text (windows of the engine's source file), from shortest to longest
     tokens in even steps; prompts of different `shift`s share no KV block."""
     ids = tokenizer.encode(Path(inspect.getfile(LLM)).read_text())
-    stride = (len(ids) - longest - shift) // max(1, n)
-    if n < 1 or not 1 <= shortest <= longest or stride < longest:
+    # one stride for every shift: with a stride that moved with `shift`, prompt 1 of shift 1 could
+    # start where prompt 1 of shift 0 does (it did, once engine.py had a certain length)
+    stride = (len(ids) - 2 * longest) // max(1, n)
+    if n < 1 or not 1 <= shortest <= longest or stride < longest or not 0 <= shift < longest:
         raise ValueError(
             f"bench_prompts(n={n}, shortest={shortest}, longest={longest}, shift={shift}): need "
-            f"n >= 1, 1 <= shortest <= longest and n windows of `longest` tokens in {len(ids)}"
+            f"n >= 1, 1 <= shortest <= longest, 0 <= shift < longest and n windows of `longest` "
+            f"tokens in {len(ids)}"
         )
     lengths = [shortest + (longest - shortest) * i // max(1, n - 1) for i in range(n)]
     return [ids[i * stride + shift : i * stride + shift + m] for i, m in enumerate(lengths)]
@@ -81,7 +84,7 @@ def hf_generate(
 def engine_generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """The engine on the same prompts: greedy, exactly max_tokens new tokens each."""
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,25 +21,12 @@ from transformers import AutoTokenizer
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
 from cleanvllm.model_runner import Launched, ModelRunner, prepare_batch
+from cleanvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import PENDING, Scheduler
 from cleanvllm.sequence import Sequence
 from cleanvllm.stop_strings import StopMatcher, stop_matcher
 from cleanvllm.workers import Workers
-
-
-@dataclass
-class RequestOutput:
-    """What one request has produced so far (vLLM's RequestOutput with a single completion)."""
-
-    request_id: int
-    prompt: str | None  # None for a prompt given as token ids
-    prompt_token_ids: list[int]
-    text: str  # safe to show: whole characters, cut before a stop string (or a possible start)
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
-    num_preemptions: int = 0
 
 
 @dataclass
@@ -74,6 +61,11 @@ class _Request:
     stops: StopMatcher | None = None  # the automaton of its stop strings
     stop_state: int = 0  # the automaton's state after text[:scanned]
     scanned: int = 0
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token, if it asked for them
+    cumulative_logprob: float | None = None
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache had at its first step
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
 class InputProcessor:
@@ -117,6 +109,8 @@ class InputProcessor:
                 f"prompt {index} has token id {bad[1]} at position {bad[0]}, outside the "
                 f"vocabulary [0, {vocab})"
             )
+        if (outside := ids_outside(sp, vocab)) is not None:
+            raise ValueError(f"prompt {index}: {outside}")
         if len(token_ids) + sp.max_tokens > c.max_model_len:
             raise ValueError(
                 f"prompt {index} has {len(token_ids)} tokens; with max_tokens={sp.max_tokens} "
@@ -129,6 +123,8 @@ class InputProcessor:
         self.check_request(token_ids, sp, index)
         req = _Request(Sequence(token_ids, sp, self.config.kvcache_block_size), text)
         req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None
+        if sp.logprobs is not None:
+            req.logprobs, req.cumulative_logprob = [], 0.0
         return req
 
     def requests(self, prompts, sampling_params) -> list[_Request]:
@@ -156,11 +152,13 @@ class OutputProcessor:
 
     def _detokenize(self, req: _Request, final: bool = False) -> None:
         """Append the text of req's new completion tokens, decoding only a short window."""
-        seq, decode = req.seq, self.tokenizer.decode
+        seq, skip = req.seq, req.seq.sampling_params.skip_special_tokens
         start = seq.num_prompt_tokens
         window = seq.token_ids[start + req.prefix_offset :]
-        seen = decode(window[: req.read_offset - req.prefix_offset], skip_special_tokens=True)
-        text = decode(window, skip_special_tokens=True)
+        seen = self.tokenizer.decode(
+            window[: req.read_offset - req.prefix_offset], skip_special_tokens=skip
+        )
+        text = self.tokenizer.decode(window, skip_special_tokens=skip)
         if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
             req.text += text[len(seen) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
@@ -176,15 +174,18 @@ class OutputProcessor:
             req.scanned = len(req.text)
             if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
                 req.stop_at = hit
+                req.stop_reason = next(s for s in sp.stop if req.text.startswith(s, hit))
                 self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
         if seq.is_finished:
             if req.stop_at is None:
                 self._detokenize(req, final=True)
-            text = req.text[: req.stop_at]  # text[:None] is the whole text
+            text = self.final_text(req)
         elif quiet:
             return None
         else:
-            held = req.stops.hold[req.stop_state] if sp.stop else 0
+            held = (
+                req.stops.hold[req.stop_state] if sp.stop and not sp.include_stop_str_in_output else 0
+            )
             text = req.text[: len(req.text) - held]
         return self.output(req, text)
 
@@ -195,15 +196,39 @@ class OutputProcessor:
         if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
             token_ids.pop()
         reason = seq.finish_reason if seq.is_finished else None
+        logprobs = None if req.logprobs is None else req.logprobs[: len(token_ids)]
+        done = CompletionOutput(0, text, token_ids, req.cumulative_logprob, logprobs, reason)
+        done.stop_reason = req.stop_reason if reason == "stop" else None
+        m = req.metrics
+        if seq.is_finished and m.finished_time is None:
+            m.finished_time = time.time()
+        stats = RequestMetrics(m.arrival_time, m.first_token_time, m.finished_time, seq.num_preemptions)
         return RequestOutput(
-            seq.seq_id,
+            seq.request_id,
             req.prompt,
             seq.prompt_token_ids,
-            text,
-            token_ids,
+            None,  # prompt_logprobs: not supported yet (SamplingParams refuses them)
+            [done],
             seq.is_finished,
-            reason,
-            seq.num_preemptions,
+            req.num_cached_tokens or 0,
+            stats,  # a copy: later steps must not change an output already handed out
+        )
+
+    def final_text(self, req: _Request) -> str:
+        """A finished request's text: cut before its stop string, or after it if
+        include_stop_str_in_output; a stop token's own text left out unless so asked (as vLLM)."""
+        seq, sp = req.seq, req.seq.sampling_params
+        if req.stop_at is not None:
+            keep = len(req.stop_reason) if sp.include_stop_str_in_output else 0
+            return req.text[: req.stop_at + keep]
+        if seq.finish_reason != "stop":
+            return req.text
+        last = seq.completion_token_ids[-1]
+        req.stop_reason = last if last in sp.stop_token_ids else None  # None: an EOS token
+        if sp.include_stop_str_in_output or (req.stop_reason is None and sp.skip_special_tokens):
+            return req.text  # kept as asked, or an EOS whose (special) text was skipped anyway
+        return self.tokenizer.decode(
+            seq.completion_token_ids[:-1], skip_special_tokens=sp.skip_special_tokens
         )
 
 
@@ -240,10 +265,10 @@ class LLMEngine:
         self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
         self.inputs = InputProcessor(config, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
-        self.requests: dict[int, _Request] = {}  # running, or finished but not yet reported
-        self.unreported: dict[int, RequestOutput] = {}  # outputs a generate() call kept for step()
+        self.requests: dict[str, _Request] = {}  # running, or finished but not yet reported
+        self.unreported: dict[str, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None
-        self._generating: set[int] = set()  # ids a generate() call waits for
+        self._generating, self._extras = set(), {}  # generate()'s ids; see _needs_tokens
         self.overlap = config.async_scheduling and self.workers is None  # which loop step() runs
         self.in_flight: list[InFlight] = []  # steps launched and not yet collected (overlap)
 
@@ -330,25 +355,33 @@ class LLMEngine:
         for kind, arg in commands:
             self._enqueue(arg) if kind == "add" else self._abort(arg)
 
-    def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
-        """Validate one request and queue it; return its id. It runs in the next step()s."""
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> str:
+        """Validate one request and queue it; return its id (a string, as vLLM's). It runs in the next
+        step()s."""
         self._check_open()
         req = self.inputs.request(
             prompt, SamplingParams() if sampling_params is None else sampling_params
         )
         self._command("add", req)
-        return req.seq.seq_id
+        return req.seq.request_id
 
-    def _enqueue(self, req: _Request) -> int:
-        self.requests[req.seq.seq_id] = req  # first: an interrupt after this line loses nothing
+    def _enqueue(self, req: _Request) -> str:
+        rid, sp = req.seq.request_id, req.seq.sampling_params
+        self.requests[rid] = req  # first: an interrupt after this line loses nothing
+        if sp.penalized or sp.logprobs is not None:
+            self._extras[rid] = sp
         self.scheduler.add(req.seq)
-        return req.seq.seq_id
+        return rid
 
-    def abort_request(self, request_id: int) -> None:
+    def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks. An unknown or finished id is a no-op (as in vLLM)."""
+        if not isinstance(request_id, str):
+            raise ValueError(
+                f"request ids are strings (as vLLM's), got {type(request_id).__name__} {request_id!r:.40}"
+            )
         self._command("abort", request_id)
 
-    def _abort(self, request_id: int) -> None:
+    def _abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
@@ -386,46 +419,54 @@ class LLMEngine:
         if self.scheduler.is_finished():
             return StepStats(False, 0, 0)
         seqs, is_prefill = self.scheduler.schedule()
-        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-        token_ids = self._execute(batch)
+        batch = self._prepare(seqs, is_prefill)
+        token_ids, logprobs = self._execute(batch)
         lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
-        self._report([s for s, n in zip(seqs, lengths) if len(s.token_ids) > n], outputs, quiet)
+        got = [s for s, n in zip(seqs, lengths) if len(s.token_ids) > n]
+        self._take_logprobs(seqs, got, token_ids, logprobs)
+        self._report(got, outputs, quiet)
         return StepStats(is_prefill, len(batch.input_ids), len(seqs))
 
     def _report(self, seqs: list[Sequence], outputs: dict, quiet) -> None:
         """Outputs for the sequences that got a token; a finished request is reported, then forgotten.
         A sequence aborted while its step ran has no request any more: nothing to report."""
         for seq in seqs:
-            req = self.requests.get(seq.seq_id)
+            rid = seq.request_id
+            req = self.requests.get(rid)
             if req is None:
                 continue
-            out = self.outputs.update(req, seq.seq_id in quiet)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = time.time()
+            out = self.outputs.update(req, rid in quiet)
             if out is not None:
-                outputs[seq.seq_id] = out
+                outputs[rid] = out
             if seq.is_finished:
-                del self.requests[seq.seq_id]
+                del self.requests[rid]
 
-    def _execute(self, batch) -> list[int]:
-        """Run the model on every rank; rank 0 returns one sampled token id per sequence."""
+    def _execute(self, batch) -> tuple[list[int], tuple | None]:
+        """Run the model on every rank; rank 0 returns one sampled token id per sequence, and the
+        logprobs tensors when the batch asked for them."""
         if not self.workers:
-            return self.runner.execute(batch)
+            launched = self.runner.launch(batch)
+            return self.runner.collect(launched), launched.logprobs
         try:
             self.workers.send(batch)  # they start at once
-            token_ids = self.runner.execute(batch)
+            launched = self.runner.launch(batch)
+            token_ids = self.runner.collect(launched)
         except Exception:
             if (error := self.workers.failure()) is not None:  # a dead worker explains it better
                 self.close()
                 raise error from None
             raise
         self.workers.busy = False
-        return token_ids
+        return token_ids, launched.logprobs
 
     def _launch(self) -> None:
         """Schedule a step and launch it behind those in flight (it reads their PENDING tokens on the
         device); it is counted later, by _count."""
         seqs, is_prefill = self.scheduler.schedule()
-        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        batch = self._prepare(seqs, is_prefill)
         stats = StepStats(is_prefill, len(batch.input_ids), len(seqs))
         self.in_flight.append(InFlight(seqs, self.runner.launch(batch), stats))
 
@@ -438,7 +479,9 @@ class LLMEngine:
     def _collect(self, outputs: dict, quiet) -> StepStats:
         """Wait for the oldest step in flight, write its tokens over their PENDING, report them."""
         step = self.in_flight[0]
-        filled = self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+        token_ids = self.runner.collect(step.launched)
+        filled = self.scheduler.fill(step.seqs, token_ids)
+        self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
         self._report(filled, outputs, quiet)
         self.in_flight.pop(0)
         return step.stats
@@ -446,25 +489,65 @@ class LLMEngine:
     def _step_overlapped(self, outputs: dict, quiet) -> StepStats:
         """Launch the next step before collecting the one in flight: the GPU computes it while Python
         records the last one. Each call still returns the tokens of one step."""
-        while self.in_flight and not any(s.seq_id in self.requests for s in self.in_flight[0].seqs):
+        while self.in_flight and not any(s.request_id in self.requests for s in self.in_flight[0].seqs):
             self._collect(outputs, quiet)  # nobody waits for its tokens (aborted, stopped): drop it
         if not self.in_flight:  # nothing on the device: start a step first
             if self.scheduler.is_finished():
                 return StepStats(False, 0, 0)
             self._launch()
             self._count(self.in_flight[0])
-        if not self.in_flight[0].stats.is_prefill and not self.scheduler.is_finished():
+        ahead = not self.in_flight[0].stats.is_prefill and not self.scheduler.is_finished()
+        if ahead and not self._needs_tokens():  # a penalty needs every token known first
             self._launch()  # behind a decode step: a prefill's host work is small beside its GPU work
         stats = self._collect(outputs, quiet)
         if self.in_flight:  # after the collect: it may have stopped some of this step's sequences
             self._count(self.in_flight[0])
         return stats
 
+    def _needs_tokens(self) -> bool:
+        """Whether a live request has a penalty or logprobs (finished ones dropped first)."""
+        if self._extras:
+            self._extras = {r: sp for r, sp in self._extras.items() if r in self.requests}
+        return any(sp.penalized for sp in self._extras.values())
+
+    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
+        """The step's batch, with what only some requests need: tokens (penalties), logprobs."""
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        if is_prefill:  # a request's first step: the prefix-cache hits it had
+            for s in seqs:
+                if (req := self.requests.get(s.request_id)) and req.num_cached_tokens is None:
+                    req.num_cached_tokens = s.num_cached_tokens
+        if self._needs_tokens():
+            batch.token_ids = [s.token_ids for s in seqs]
+        ks = [sp.logprobs for sp in self._extras.values() if sp.logprobs is not None]
+        batch.num_logprobs = max(ks) if ks else None
+        return batch
+
+    def _take_logprobs(self, seqs: list[Sequence], got: list[Sequence], token_ids, logprobs) -> None:
+        """Record the logprobs of the new tokens of the requests that asked (rows as in seqs)."""
+        if logprobs is None:
+            return
+        top_ids, top, own, rank = (t.tolist() for t in logprobs)
+        got = {id(s) for s in got}
+        for i, seq in enumerate(seqs):
+            req, k = self.requests.get(seq.request_id), seq.sampling_params.logprobs
+            if req is None or k is None or id(seq) not in got:
+                continue
+            ids = [token_ids[i], *top_ids[i][:k]]
+            text = self.tokenizer.batch_decode([[t] for t in ids])
+            entry = {ids[0]: Logprob(own[i], rank[i], text[0])}
+            for j in range(k):  # the sampled token keeps its entry if it is among the top k
+                entry.setdefault(ids[j + 1], Logprob(top[i][j], j + 1, text[j + 1]))
+            req.logprobs.append(entry)
+            req.cumulative_logprob += own[i]
+
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
         try:
             for step in self.in_flight:  # a launched step's tokens are right: keep them
-                self.scheduler.fill(step.seqs, self.runner.collect(step.launched))
+                token_ids = self.runner.collect(step.launched)
+                filled = self.scheduler.fill(step.seqs, token_ids)
+                self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
             if self.config.device == "cuda":
                 torch.cuda.synchronize()  # a launch cut short may still copy from buffers we reuse
         except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing
@@ -487,7 +570,7 @@ class LLMEngine:
             return self._generate(reqs, use_tqdm)
 
     def _generate(self, reqs: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
-        mine = {req.seq.seq_id: i for i, req in enumerate(reqs)}
+        mine = {req.seq.request_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         rates, left = {True: 0.0, False: 0.0}, len(reqs)
@@ -511,12 +594,21 @@ class LLMEngine:
             self._generating.difference_update(mine)
             with _sigint_deferred():  # a second Ctrl-C must not cut the clean-up in half
                 for req in reqs if not self.closed else []:  # leave the engine clean and usable
-                    self.abort_request(req.seq.seq_id)
+                    self.abort_request(req.seq.request_id)
             raise
         finally:
             self._generating.difference_update(mine)
             bar.close()
         return results
+
+
+def ids_outside(sp: SamplingParams, vocab: int) -> str | None:
+    """What is wrong if sp names token ids outside the vocabulary [0, vocab) (stop_token_ids,
+    logit_bias: SamplingParams cannot know the model), else None."""
+    for name, ids in (("stop_token_ids", sp.stop_token_ids), ("logit_bias", sp.logit_bias or {})):
+        if outside := [t for t in ids if t >= vocab]:
+            return f"{name} has token id(s) {outside[:5]} outside the vocabulary [0, {vocab})"
+    return None
 
 
 def check_text(text: str, what: str) -> str:

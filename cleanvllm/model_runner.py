@@ -23,7 +23,13 @@ from cleanvllm.context import reset_context, set_context
 from cleanvllm.layers import TPGroup
 from cleanvllm.loader import load_model
 from cleanvllm.models.qwen3 import Qwen3ForCausalLM
-from cleanvllm.sampler import is_plain, sample, sample_temperature, sample_temperature_triton
+from cleanvllm.sampler import (
+    compute_logprobs,
+    is_plain,
+    sample,
+    sample_temperature,
+    sample_temperature_triton,
+)
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import PENDING
 from cleanvllm.sequence import Sequence
@@ -32,9 +38,8 @@ from cleanvllm.sequence import Sequence
 @dataclass
 class StepBatch:
     """One step's inputs: per new token (input_ids, positions, slot_mapping), per sequence
-    (cu_seqlens_q, context_lens, block_tables) and, for the sampler, per sequence its
-    SamplingParams, num_generated (completion tokens so far: the next one is number num_generated)
-    and seq_id."""
+    (cu_seqlens_q, context_lens, block_tables, seq_ids) and, for the sampler, each one's
+    SamplingParams, num_generated (completion tokens so far) and, if asked, tokens and logprobs."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -46,6 +51,8 @@ class StepBatch:
     params: list[SamplingParams]
     num_generated: list[int]
     seq_ids: list[int]
+    token_ids: list[list[int]] | None = None  # each sequence's tokens, when a penalty needs them
+    num_logprobs: int | None = None  # the most logprobs a request of the engine asks for
 
     @property
     def num_seqs(self) -> int:
@@ -194,6 +201,7 @@ class Launched:
     tokens: torch.Tensor | None
     host: torch.Tensor | None
     done: object = None  # torch.cuda.Event
+    logprobs: tuple | None = None  # compute_logprobs of the raw logits, when the batch asked
 
 
 class ModelRunner:
@@ -487,14 +495,18 @@ class ModelRunner:
         if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
             return Launched(None, None)
         if tokens is None:
-            tokens = sample(logits, batch.params, batch.num_generated, self.config.eos_token_ids)
+            eos = self.config.eos_token_ids
+            tokens = sample(logits, batch.params, batch.num_generated, eos, batch.token_ids)
+        lp = None  # a row that asks for logprobs is not plain: its logits are here
+        if batch.num_logprobs is not None and logits is not None:
+            lp = compute_logprobs(logits, tokens, batch.num_logprobs)
         self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
         host = self.buffers.download(tokens)
         if host is tokens:  # a CPU: the step has run
-            return Launched(tokens, host)
+            return Launched(tokens, host, None, lp)
         done = torch.cuda.Event()
         done.record()
-        return Launched(tokens, host, done)
+        return Launched(tokens, host, done, lp)
 
     def collect(self, step: "Launched") -> list[int] | None:
         """Wait for a launched step; rank 0 gets one sampled token id per sequence, other ranks None."""

@@ -2,8 +2,10 @@
 """Sampling: one next token per sequence from a batch of logits, each with its own settings.
 
 Greedy, temperature, top-k, top-p and min-p with vLLM's meanings; min_tokens keeps the stop tokens
-out until enough tokens were generated; a seeded request draws its randomness from (seed, index of
-the token) alone, so its tokens never depend on the batch it runs in.
+out until enough tokens were generated; logit bias and the repetition, presence and frequency
+penalties change the logits first; a seeded request draws its randomness from (seed, index of the
+token) alone, so its tokens never depend on the batch it runs in. compute_logprobs gives vLLM's
+logprobs: of the raw model output, before any of this.
 """
 
 import torch
@@ -92,17 +94,92 @@ def mask_stop_tokens(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add each row's logit_bias to its tokens' logits (a copy; the input is left alone)."""
+    rows, cols, bias = [], [], []
+    for row, p in enumerate(params):
+        for token, b in (p.logit_bias or {}).items():
+            rows.append(row)
+            cols.append(token)
+            bias.append(b)
+    if not rows:
+        return logits
+    dev = logits.device
+    idx = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+    return logits.index_put(
+        idx, torch.tensor(bias, device=dev, dtype=logits.dtype), accumulate=True
+    )
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], token_ids, num_generated: list[int]
+) -> torch.Tensor:
+    """Repetition (prompt and completion tokens), frequency and presence (completion tokens)
+    penalties on the rows that ask for one. token_ids[i]: row i's prompt + completion tokens."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    if token_ids is None:
+        raise ValueError("a request with a penalty needs its tokens: pass token_ids to sample()")
+    dev, vocab = logits.device, logits.shape[1]
+    flat, row_of, generated = [], [], []
+    for j, i in enumerate(rows):
+        ids, k = token_ids[i], num_generated[i]
+        flat += ids
+        row_of += [j] * len(ids)
+        generated += [False] * (len(ids) - k) + [True] * k
+    flat, row_of = torch.tensor(flat, device=dev), torch.tensor(row_of, device=dev)
+    generated = torch.tensor(generated, device=dev)
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=dev)
+    seen[row_of, flat] = True
+    counts = torch.zeros(len(rows), vocab, device=dev)
+    ones = torch.ones(int(generated.sum()), device=dev)
+    counts.index_put_((row_of[generated], flat[generated]), ones, accumulate=True)
+
+    def column(name: str) -> torch.Tensor:  # one value per penalized row, as [rows, 1]
+        return torch.tensor([float(getattr(params[i], name)) for i in rows], device=dev)[:, None]
+
+    r = column("repetition_penalty")
+    x = logits[rows]
+    x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    x = x - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+    logits = logits.clone()
+    logits[rows] = x
+    return logits
+
+
+def compute_logprobs(
+    logits: torch.Tensor, sampled: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's logprobs of the raw logits: per row, the k most likely token ids and their
+    log-probabilities ([rows, k], ranks 1..k), the sampled token's log-probability and its rank."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top_logprobs, top_ids = logprobs.topk(k, -1)
+    chosen = logprobs.gather(-1, sampled[:, None].long())
+    rank = (logprobs >= chosen).sum(-1)
+    return top_ids, top_logprobs, chosen[:, 0], rank
+
+
 def is_plain(p: SamplingParams, num_generated: int) -> bool:
-    """Temperature only: no filter, no seed, no active min_tokens mask (a CUDA graph can sample it)."""
-    plain = p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0 and p.seed is None
-    return plain and not (num_generated < p.min_tokens and (p.stop_token_ids or not p.ignore_eos))
+    """Temperature only: `simple` params (no filter, seed, bias, penalty or logprobs) and no active
+    min_tokens mask (a CUDA graph can sample it)."""
+    return p.simple and not (
+        num_generated < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+    )
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], num_generated: list[int], eos_ids=()
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    num_generated: list[int],
+    eos_ids=(),
+    token_ids: list[list[int]] | None = None,
 ) -> torch.Tensor:
-    """One token id per row of logits. num_generated[i]: completion tokens row i already has."""
+    """One token id per row of logits. num_generated[i]: completion tokens row i already has;
+    token_ids[i]: its prompt and completion tokens (needed only by rows with a penalty)."""
     logits = mask_stop_tokens(logits.float(), params, num_generated, eos_ids)
+    logits = apply_logit_bias(logits, params)
+    logits = apply_penalties(logits, params, token_ids, num_generated)
     if all(p.temperature < GREEDY_EPSILON for p in params):
         return logits.argmax(-1)
     dev = logits.device

@@ -36,52 +36,134 @@ def as_stop_strings(stop) -> list[str] | None:
     return list(stop)
 
 
+def reject(name: str, value, allowed: str):
+    """The one error a bad field gets: its name, its value and what is allowed."""
+    raise ValueError(f"SamplingParams.{name}={value!r:.200} is invalid: {allowed}")
+
+
+def number_in(x, lo: float, hi: float) -> bool:
+    """A finite number (not a bool) in [lo, hi]."""
+    return is_number(x) and lo <= x <= hi
+
+
+def check_distribution(p) -> None:
+    """temperature, the filters, the seed and the penalties."""
+    if not number_in(p.temperature, 0, math.inf):
+        reject(
+            "temperature",
+            p.temperature,
+            f"must be a finite number >= 0 (below {GREEDY_EPSILON} is greedy)",
+        )
+    if not is_int(p.top_k) or p.top_k < -1:
+        reject("top_k", p.top_k, "must be -1 or 0 (off) or an integer >= 1")
+    if not number_in(p.top_p, 0, 1) or p.top_p == 0:
+        reject("top_p", p.top_p, "must be a number in (0, 1]")
+    if not number_in(p.min_p, 0, 1):
+        reject("min_p", p.min_p, "must be a number in [0, 1]")
+    if p.seed is not None and not (is_int(p.seed) and 0 <= p.seed < SEED_LIMIT):
+        reject("seed", p.seed, "must be None or an integer in [0, 2**63)")
+    if not number_in(p.repetition_penalty, 0, math.inf) or p.repetition_penalty == 0:
+        reject("repetition_penalty", p.repetition_penalty, "must be a finite number > 0 (1 is off)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not number_in(getattr(p, name), -2, 2):
+            reject(name, getattr(p, name), "must be a number in [-2, 2] (0 is off)")
+
+
+def check_stopping(p) -> tuple[list[str], list[int]]:
+    """max_tokens, min_tokens and the stop conditions; returns (stop, stop_token_ids) as lists."""
+    if not is_int(p.max_tokens) or p.max_tokens < 1:
+        reject("max_tokens", p.max_tokens, "must be an integer >= 1")
+    if not is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_tokens:
+        reject("min_tokens", p.min_tokens, f"must be an integer in [0, max_tokens={p.max_tokens}]")
+    for name in ("ignore_eos", "include_stop_str_in_output"):
+        if not isinstance(getattr(p, name), bool):
+            reject(name, getattr(p, name), "must be True or False")
+    if (stop := as_stop_strings(p.stop)) is None:
+        reject("stop", p.stop, "must be a non-empty string or a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS or sum(map(len, stop)) > MAX_STOP_CHARS:
+        reject(
+            "stop",
+            p.stop,
+            f"at most {MAX_STOP_STRINGS} strings, {MAX_STOP_CHARS} characters in all",
+        )
+    ids = [] if p.stop_token_ids is None else p.stop_token_ids
+    if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
+        reject("stop_token_ids", ids, "must be a list of token ids (integers >= 0)")
+    if len(set(ids)) > MAX_STOP_TOKEN_IDS:
+        reject("stop_token_ids", ids, f"at most {MAX_STOP_TOKEN_IDS} distinct token ids")
+    return stop, list(dict.fromkeys(ids))  # duplicates dropped, order kept
+
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: alternatives per token a request may ask for
+MAX_BIAS = 100.0  # a logit bias lies in [-100, 100], OpenAI's range
+MAX_BIASED_TOKENS = 1024  # entries in one request's logit_bias (every step applies them)
+
+
+def check_outputs(p) -> dict[int, float]:
+    """n, best_of, logprobs, prompt_logprobs, skip_special_tokens; returns logit_bias as a dict."""
+    if not is_int(p.n) or p.n < 1:
+        reject("n", p.n, "must be an integer >= 1")
+    if p.n > 1:
+        reject("n", p.n, "n > 1 is not supported yet: send n requests (seeded, to reproduce them)")
+    if p.best_of is not None and not (is_int(p.best_of) and p.best_of == p.n):
+        reject("best_of", p.best_of, f"must be None or n={p.n}: best_of > n is not supported")
+    if p.logprobs is not None and not (is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
+        reject("logprobs", p.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+    if p.prompt_logprobs is not None:
+        reject("prompt_logprobs", p.prompt_logprobs, "prompt logprobs are not supported yet: None")
+    if not isinstance(p.skip_special_tokens, bool):
+        reject("skip_special_tokens", p.skip_special_tokens, "must be True or False")
+    bias = {} if p.logit_bias is None else p.logit_bias
+    if not isinstance(bias, dict) or len(bias) > MAX_BIASED_TOKENS:
+        reject(
+            "logit_bias", bias, f"must be a dict {{token id: bias}} of at most {MAX_BIASED_TOKENS}"
+        )
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not is_int(token) or token < 0:
+            reject("logit_bias", bias, f"key {key!r} is not a token id (an integer >= 0)")
+        if not number_in(value, -MAX_BIAS, MAX_BIAS):
+            reject("logit_bias", bias, f"the bias of token {key!r} must be a number in [-100, 100]")
+        out[token] = float(value)
+    return out
+
+
 @dataclass
 class SamplingParams:
-    """How one request samples its tokens and when it stops (vLLM's field meanings)."""
+    """How one request samples its tokens, when it stops and what comes back (vLLM's fields)."""
 
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
-    top_k: int = -1
     top_p: float = 1.0
+    top_k: int = -1
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 64
-    min_tokens: int = 0
-    ignore_eos: bool = False
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
-        def bad(name, allowed):
-            value = f"{getattr(self, name)!r:.200}"  # a 20 MB value must not make a 20 MB message
-            raise ValueError(f"SamplingParams.{name}={value} is invalid: {allowed}")
+        check_distribution(self)
+        self.stop, self.stop_token_ids = check_stopping(self)
+        self.logit_bias = check_outputs(self) or None
+        if self.top_k == 0:
+            self.top_k = -1
 
-        if not is_number(self.temperature) or self.temperature < 0:
-            bad("temperature", f"must be a finite number >= 0 (below {GREEDY_EPSILON} is greedy)")
-        if not is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
-            bad("top_k", "must be -1 (off) or an integer >= 1")
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", "must be a number in (0, 1]")
-        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            bad("min_p", "must be a number in [0, 1]")
-        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
-            bad("seed", "must be None or an integer in [0, 2**63)")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", "must be True or False")
-        if (stop := as_stop_strings(self.stop)) is None:
-            bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if len(stop) > MAX_STOP_STRINGS or sum(map(len, stop)) > MAX_STOP_CHARS:
-            bad("stop", f"at most {MAX_STOP_STRINGS} strings, {MAX_STOP_CHARS} characters in all")
-        ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
-            bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
-        if len(set(ids)) > MAX_STOP_TOKEN_IDS:
-            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} distinct token ids")
-        self.stop, self.stop_token_ids = stop, list(dict.fromkeys(ids))  # no duplicates
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_simple", None)  # a field changed: `simple` is worked out again
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +171,16 @@ class SamplingParams:
         return self.temperature < GREEDY_EPSILON
 
     @property
+    def penalized(self) -> bool:
+        """A repetition, presence or frequency penalty is on."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def simple(self) -> bool:
-        """Temperature-only sampling: no filters and no private seed (a CUDA graph can sample it)."""
-        return self.top_k == -1 and self.top_p == 1.0 and self.min_p == 0.0 and self.seed is None
+        """Temperature only: no filter, penalty, bias or seed, no logprobs (a CUDA graph samples it).
+        Worked out once: the model runner asks at every step, for every sequence."""
+        if (simple := self.__dict__.get("_simple")) is None:
+            filters = self.top_k != -1 or self.top_p != 1 or self.min_p != 0 or self.seed is not None
+            simple = not (filters or self.penalized or self.logit_bias or self.logprobs is not None)
+            self.__dict__["_simple"] = simple  # past __setattr__, which would drop it again
+        return simple

@@ -28,6 +28,7 @@ class Sequence:
         if len(token_ids) == 0:
             raise ValueError("a Sequence needs at least one prompt token")
         self.seq_id = next(Sequence._ids)
+        self.request_id = str(self.seq_id)  # the engine's name for it (vLLM's ids are strings)
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -61,7 +61,7 @@ class Handle:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request_id: int | None = None  # set by the engine thread when the engine accepts the request
+    request_id: str | None = None  # set by the engine thread when the engine accepts the request
     arrival: float = field(default_factory=time.perf_counter)  # for /metrics' latencies (step 6b)
     tokens_seen: int = 0  # completion tokens in the last output the handler took
     last_token: float = 0.0  # when that output came
@@ -568,7 +568,7 @@ class EngineState:
     cached_tokens: int = 0  # and how many of those the prefix cache holds now
 
 
-def engine_state(engine: LLMEngine, request_ids: list[int] = ()) -> EngineState:
+def engine_state(engine: LLMEngine, request_ids: list[str] = ()) -> EngineState:
     """The engine's state, for the engine thread only. It reads engine.scheduler.running and
     .waiting (their lengths), engine.scheduler.block_manager.num_free_blocks, .blocks,
     .block_size, and for each new request engine.requests[id].seq with the block manager's
@@ -639,8 +639,8 @@ class Metrics:
 
 
 def completion(out: RequestOutput):
-    """The generated part of an output: text, token_ids, finish_reason (vLLM: out.outputs[0])."""
-    return out
+    """The generated part of an output: text, token_ids, finish_reason (vLLM's out.outputs[0])."""
+    return out.outputs[0]
 
 
 @router.get("/metrics")

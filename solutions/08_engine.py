@@ -12,7 +12,7 @@ class CharBudget(OutputProcessor):
                 self.scheduler.finish(seq, "length")
         out = super().update(req, quiet)
         if out is not None and out.finished:
-            out.text = out.text[: self.max_chars]
+            out.outputs[0].text = out.outputs[0].text[: self.max_chars]
         return out
 
 # %% exercise 8.2

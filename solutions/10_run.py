@@ -12,4 +12,4 @@ def haikus(seeds: list[int]) -> list[str]:
     params = [SamplingParams(temperature=0.8, top_p=0.95, seed=s, max_tokens=24) for s in seeds]
     with LLM(model_path, **small_kv) as llm:
         outs = llm.chat([question] * len(seeds), params, use_tqdm=False)
-    return [o.text for o in outs]
+    return [o.outputs[0].text for o in outs]

@@ -24,8 +24,8 @@ def test_same_outputs_with_every_kind_of_request(engines):
     sps = [
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.8, seed=11, max_tokens=30, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=24, min_tokens=6, stop_token_ids=[greedy.token_ids[2]]),
-        SamplingParams(temperature=0, max_tokens=40, stop=[greedy.text[5:8]], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, min_tokens=6, stop_token_ids=[greedy.outputs[0].token_ids[2]]),
+        SamplingParams(temperature=0, max_tokens=40, stop=[greedy.outputs[0].text[5:8]], ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
         SamplingParams(temperature=1.0, seed=5, min_p=0.05, max_tokens=33, ignore_eos=True),
     ]
@@ -33,7 +33,7 @@ def test_same_outputs_with_every_kind_of_request(engines):
     got = {}
     for llm in (on, off):
         outs = llm.generate(ps, sps, use_tqdm=False)
-        got[llm is on] = [(o.token_ids, o.text, o.finish_reason) for o in outs]
+        got[llm is on] = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
         assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
         pool_is_sound(llm)
     assert got[True] == got[False]
@@ -55,7 +55,7 @@ def test_adding_and_aborting_while_a_step_is_pending(engines):
                 break
             for o in llm.step():
                 if o.finished:
-                    done[o.request_id] = (o.token_ids, o.finish_reason)
+                    done[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].finish_reason)
             pending_seen |= bool(llm.in_flight)
             if step == 4:
                 llm.abort_request(ids[1])
@@ -75,14 +75,14 @@ def test_a_pending_step_whose_sequences_all_ended_is_drained(engines):
     on, _ = engines
     p = prompts([10], seed=7)[0]
     first = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
-    out = on.generate([p], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[3]]),
+    out = on.generate([p], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.outputs[0].token_ids[3]]),
                       use_tqdm=False)[0]
-    assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:4]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids == first.outputs[0].token_ids[:4]
     assert all(s.is_finished for step in on.in_flight for s in step.seqs)
     assert on.step() == [] and not on.in_flight
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
     nxt = on.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
-    assert nxt.token_ids == first.token_ids
+    assert nxt.outputs[0].token_ids == first.outputs[0].token_ids
 
 
 def test_each_call_returns_the_tokens_of_one_step(engines):
@@ -95,6 +95,6 @@ def test_each_call_returns_the_tokens_of_one_step(engines):
             got = []
             while llm.has_unfinished_requests():
                 (out,) = [o for o in llm.step() if o.request_id == rid]
-                got.append((len(out.token_ids), out.finished))
+                got.append((len(out.outputs[0].token_ids), out.finished))
             assert got == [(k, k == n) for k in range(1, n + 1)], (llm is on, got)
             assert not llm.in_flight

@@ -89,7 +89,7 @@ def test_vs_transformers_refuses_outputs_that_differ(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     wrong = SimpleNamespace(generate=lambda prompts, sp, use_tqdm: [
-        SimpleNamespace(token_ids=[7] * sp.max_tokens) for _ in prompts])
+        SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * sp.max_tokens)]) for _ in prompts])
     with pytest.raises(AssertionError, match="differs at token"):
         vs_transformers(tok, hf, wrong, batch=2, max_tokens=3, runs=1, shortest=4, longest=8)
 

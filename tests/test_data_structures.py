@@ -23,7 +23,7 @@ def field_value(field, value) -> str:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("temperature", "hot"), ("top_k", 0), ("top_k", -2), ("top_p", 0.0),
+    ("temperature", -0.1), ("temperature", "hot"), ("top_k", -3), ("top_k", -2), ("top_p", 0.0),
     ("top_p", 1.01), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("seed", 1.5), ("stop", [""]),
     ("stop_token_ids", [-1]),
 ])

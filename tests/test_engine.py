@@ -20,8 +20,8 @@ def test_greedy_matches_transformers(llm, hf_model):
     ps = prompts([1, 5, 17, 33, 64, 100])
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
-        assert o.token_ids == hf_greedy(hf_model, p, 32)
-        assert o.finish_reason == "length" and o.prompt_token_ids == p
+        assert o.outputs[0].token_ids == hf_greedy(hf_model, p, 32)
+        assert o.outputs[0].finish_reason == "length" and o.prompt_token_ids == p
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
 
 
@@ -43,7 +43,7 @@ def test_prefix_cache_hits_keep_outputs(llm, hf_model):
             outs[o.request_id] = o
     assert all(c >= 32 for c in cached.values())  # the shared blocks were hits
     for s, p in zip(seqs, ps):
-        assert outs[s.seq_id].token_ids == hf_greedy(hf_model, p, 32)
+        assert outs[str(s.seq_id)].outputs[0].token_ids == hf_greedy(hf_model, p, 32)
 
 
 def test_preemption_and_chunking_keep_outputs(tiny_model, hf_model):
@@ -54,18 +54,18 @@ def test_preemption_and_chunking_keep_outputs(tiny_model, hf_model):
         assert small.scheduler.num_preemptions > 0
         assert small.scheduler.block_manager.num_free_blocks == 12
     for p, o in zip(ps, outs):
-        assert o.token_ids == hf_greedy(hf_model, p, 32)
+        assert o.outputs[0].token_ids == hf_greedy(hf_model, p, 32)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     p = prompts([10])[0]
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
-    alone = llm.generate([p], sp, use_tqdm=False)[0].token_ids
+    alone = llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids
     others = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
-    mixed = llm.generate(prompts([7, 30], seed=5) + [p], [others, others, sp], use_tqdm=False)[2].token_ids
+    mixed = llm.generate(prompts([7, 30], seed=5) + [p], [others, others, sp], use_tqdm=False)[2].outputs[0].token_ids
     assert alone == mixed
     other_seed = llm.generate([p], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20,
-                                                 ignore_eos=True), use_tqdm=False)[0].token_ids
+                                                 ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     assert other_seed != alone
 
 
@@ -76,17 +76,17 @@ def test_stop_token_ids_and_min_tokens(llm, hf_model):
     first = ref.index(stop_tok)
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[stop_tok]),
                        use_tqdm=False)[0]
-    assert out.token_ids == ref[:first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].token_ids == ref[:first + 1] and out.outputs[0].finish_reason == "stop"
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=32, min_tokens=first + 1,
                                            stop_token_ids=[stop_tok]), use_tqdm=False)[0]
     # vLLM: before min_tokens the stop token is masked out of sampling (the greedy choice there
     # becomes the runner-up); the same prefix, then no stop token among the first min_tokens
-    assert out.token_ids[:first] == ref[:first] and out.token_ids[first] != stop_tok
-    assert stop_tok not in out.token_ids[: first + 1]
-    if out.finish_reason == "stop":
-        assert out.token_ids[-1] == stop_tok and len(out.token_ids) > first + 1
+    assert out.outputs[0].token_ids[:first] == ref[:first] and out.outputs[0].token_ids[first] != stop_tok
+    assert stop_tok not in out.outputs[0].token_ids[: first + 1]
+    if out.outputs[0].finish_reason == "stop":
+        assert out.outputs[0].token_ids[-1] == stop_tok and len(out.outputs[0].token_ids) > first + 1
     else:
-        assert out.finish_reason == "length" and len(out.token_ids) == 32
+        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 32
 
 
 def test_stop_strings_end_text_before_the_stop(llm, hf_model):
@@ -96,9 +96,9 @@ def test_stop_strings_end_text_before_the_stop(llm, hf_model):
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=32, stop=stop), use_tqdm=False)[0]
-    assert out.finish_reason == "stop"
-    assert out.text == full[: full.find(stop)]
-    assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) < 32
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].text == full[: full.find(stop)]
+    assert out.outputs[0].token_ids == ref[: len(out.outputs[0].token_ids)] and len(out.outputs[0].token_ids) < 32
 
 
 def test_string_prompts_and_chat(llm):
@@ -135,13 +135,13 @@ def test_step_reports_every_token_once_and_finishes_once(tiny_model, hf_model):
     for rid, p, n in zip(ids, ps, lens):
         outs = seen[rid]
         ref = hf_greedy(hf_model, p, n)
-        assert [o.token_ids for o in outs] == [ref[:k] for k in range(1, n + 1)]  # one per token
+        assert [o.outputs[0].token_ids for o in outs] == [ref[:k] for k in range(1, n + 1)]  # one per token
         assert [o.finished for o in outs] == [False] * (n - 1) + [True]
-        assert [o.finish_reason for o in outs] == [None] * (n - 1) + ["length"]
-        final = outs[-1].text
+        assert [o.outputs[0].finish_reason for o in outs] == [None] * (n - 1) + ["length"]
+        final = outs[-1].outputs[0].text
         assert final == hf_model_tokenizer_decode(tiny_model, ref)
         for o in outs:  # streamed text only grows, never shows half a character
-            assert final.startswith(o.text) and not o.text.endswith("\ufffd")
+            assert final.startswith(o.outputs[0].text) and not o.outputs[0].text.endswith("\ufffd")
 
 
 def hf_model_tokenizer_decode(model_dir, ids):
@@ -187,9 +187,9 @@ def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
     _, seen = _stream(llm, [(p, SamplingParams(temperature=0, max_tokens=32, stop=[stop]))])
     (outs,) = seen.values()
     final = outs[-1]
-    assert final.finished and final.finish_reason == "stop"
-    assert final.text == full[: full.find(stop)]
-    assert all(final.text.startswith(o.text) for o in outs)  # nothing shown is taken back
+    assert final.finished and final.outputs[0].finish_reason == "stop"
+    assert final.outputs[0].text == full[: full.find(stop)]
+    assert all(final.outputs[0].text.startswith(o.outputs[0].text) for o in outs)  # nothing shown is taken back
 
 
 def test_stop_matcher_is_right_and_its_cost_per_character_ignores_the_stop_set():
@@ -245,6 +245,6 @@ def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, h
     _, seen = _stream(llm, list(zip(ps, params)))
     streamed = [o[-1] for o in seen.values()]
     for out, st in zip(outs, streamed):
-        assert (out.text, out.token_ids, out.finish_reason) == (st.text, st.token_ids, st.finish_reason)
-    assert outs[0].text == fulls[0] and outs[2].text == fulls[2]  # by the tokenizer, at once
-    assert outs[1].finish_reason == "stop" and outs[1].text == fulls[1][: fulls[1].find(stop)]
+        assert (out.outputs[0].text, out.outputs[0].token_ids, out.outputs[0].finish_reason) == (st.outputs[0].text, st.outputs[0].token_ids, st.outputs[0].finish_reason)
+    assert outs[0].outputs[0].text == fulls[0] and outs[2].outputs[0].text == fulls[2]  # by the tokenizer, at once
+    assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text == fulls[1][: fulls[1].find(stop)]

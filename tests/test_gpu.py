@@ -21,7 +21,7 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model):
     for eager in (False, True):
         with LLM(tiny_model, enforce_eager=eager, max_model_len=1024, dtype="float32") as llm:
             assert bool(llm.runner.graphs) != eager
-            outs[eager] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+            outs[eager] = [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
     assert outs[False] == outs[True]
 
 
@@ -34,7 +34,7 @@ def test_fused_kernels_give_the_same_tokens_as_one_kernel_per_operation(tiny_mod
     for fuse in (False, True):
         with LLM(tiny_model, fuse_kernels=fuse, max_model_len=1024, dtype="float32") as llm:
             assert llm.runner.graphs and llm.runner.model.model.layers[0].self_attn.fuse == fuse
-            outs[fuse] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+            outs[fuse] = [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
     assert outs[True] == outs[False]
 
 
@@ -48,9 +48,9 @@ def test_async_scheduling_gives_the_same_tokens_on_gpu(tiny_model):
         with LLM(tiny_model, async_scheduling=on, max_model_len=1024, dtype="float32") as llm:
             first = llm.generate([ps[0]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
             sps = [SamplingParams(temperature=0, max_tokens=40 + 3 * i, ignore_eos=True) for i in range(len(ps))]
-            sps[1] = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.token_ids[5]])
+            sps[1] = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[first.outputs[0].token_ids[5]])
             sps[2] = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
-            outs[on] = [o.token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
+            outs[on] = [o.outputs[0].token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
             assert all(s.is_finished for step in llm.in_flight for s in step.seqs)
     assert outs[True] == outs[False]
 
@@ -72,9 +72,9 @@ def test_greedy_parity_with_transformers_on_gpu(tiny_model, dtype, fuse):
         r = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False, eos_token_id=None,
                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
         ref = r.sequences[0, len(p):].tolist()
-        if o.token_ids == ref:
+        if o.outputs[0].token_ids == ref:
             continue
-        i = next(i for i, (a, b) in enumerate(zip(o.token_ids, ref)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, ref)) if a != b)
         top2 = r.scores[i][0].float().topk(2).values
         margin = (top2[0] - top2[1]).item()
         report.append((len(p), i, margin))
@@ -91,13 +91,13 @@ def test_graph_path_sampling_semantics(tiny_model):
     others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     with LLM(tiny_model, max_model_len=1024, dtype="float32") as llm:
         assert llm.runner.graphs and "GiB" in llm.runner.memory_budget
-        want = llm.generate([p], greedy, use_tqdm=False)[0].token_ids
+        want = llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids
         tiny = llm.generate([p], SamplingParams(temperature=1e-38, max_tokens=16, ignore_eos=True), use_tqdm=False)
-        alone = llm.generate([p], seeded, use_tqdm=False)[0].token_ids
-        crowd = llm.generate(_prompts([5, 40, 12], 1) + [p], [others] * 3 + [seeded], use_tqdm=False)[3].token_ids
+        alone = llm.generate([p], seeded, use_tqdm=False)[0].outputs[0].token_ids
+        crowd = llm.generate(_prompts([5, 40, 12], 1) + [p], [others] * 3 + [seeded], use_tqdm=False)[3].outputs[0].token_ids
         stop = SamplingParams(temperature=0, min_tokens=4, max_tokens=8, stop_token_ids=[want[0]])
-        masked = llm.generate([p], stop, use_tqdm=False)[0].token_ids
-    assert tiny[0].token_ids == want
+        masked = llm.generate([p], stop, use_tqdm=False)[0].outputs[0].token_ids
+    assert tiny[0].outputs[0].token_ids == want
     assert alone == crowd
     assert want[0] not in masked[:4]
 

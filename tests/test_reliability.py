@@ -42,7 +42,7 @@ def test_bad_requests_fail_before_any_work_and_engine_stays_usable(llm, prompts,
         llm.generate(prompts, params, use_tqdm=False)
     assert (len(llm.requests), llm.scheduler.block_manager.num_free_blocks, llm.scheduler.num_preemptions) == before
     assert not llm.has_unfinished_requests()
-    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == 8
+    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -75,8 +75,8 @@ def test_memory_pressure_120_requests_match_a_large_cache(tiny_model):
         assert small.scheduler.block_manager.num_free_blocks == 13
     with LLM(tiny_model, **kw) as big:
         roomy = big.generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
-    assert [len(o.token_ids) for o in tight] == [p.max_tokens for p in params]
+    assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
+    assert [len(o.outputs[0].token_ids) for o in tight] == [p.max_tokens for p in params]
     print(f"preemptions under pressure: {preempted}")
     assert preempted > 0
 
@@ -123,7 +123,7 @@ def test_keyboard_interrupt_leaves_the_engine_usable(llm, monkeypatch):
     monkeypatch.undo()
     assert not llm.has_unfinished_requests() and not llm.requests
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
-    assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
+    assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
 
 
 # ---- issue 13: request semantics and interrupt safety (engine side) -------------------------
@@ -150,7 +150,7 @@ def test_interrupt_right_after_a_request_is_queued_leaves_no_orphans(llm, hf_mod
     assert not llm.requests and not llm.scheduler.waiting and not llm.scheduler.running
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
 
 # (point, which call of it): the overlapped loop launches a step (schedule, launch), counts it
@@ -200,16 +200,16 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
         finished.update({o.request_id: o for o in llm.step() if o.finished})
         pool_is_sound(llm)
     assert list(finished) == [other_id], "the earlier request was lost or a foreign one appeared"
-    assert finished[other_id].token_ids == hf_greedy(hf_model, other, 12)
+    assert finished[other_id].outputs[0].token_ids == hf_greedy(hf_model, other, 12)
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model, p, 8) for p in ps]
 
 
 def _greedy_text(llm, prompt, n):
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                        use_tqdm=False)[0]
-    return out.token_ids, out.text
+    return out.outputs[0].token_ids, out.outputs[0].text
 
 
 def test_a_stop_string_before_min_tokens_does_not_cut_the_text(llm):
@@ -224,10 +224,10 @@ def test_a_stop_string_before_min_tokens_does_not_cut_the_text(llm):
     assert stops, "no usable stop string in these prompts' outputs"
     sp = SamplingParams(temperature=0, max_tokens=40, min_tokens=30, ignore_eos=True, stop=stops[:1])
     out = llm.generate([prompt], sp, use_tqdm=False)[0]
-    assert out.text == full and out.finish_reason == "length" and out.token_ids == ids
+    assert out.outputs[0].text == full and out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == ids
     cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                                 stop=stops[:1]), use_tqdm=False)[0]
-    assert cut.text == full[: full.find(stops[0])] and cut.finish_reason == "stop"  # without min
+    assert cut.outputs[0].text == full[: full.find(stops[0])] and cut.outputs[0].finish_reason == "stop"  # without min
 
 
 def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(llm):
@@ -244,8 +244,8 @@ def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(llm):
         pytest.fail("no prompt whose last token completes a unique stop string")
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
                                                 stop=[stop]), use_tqdm=False)[0]
-    assert out.finish_reason == "stop" and out.token_ids == ids
-    assert out.text == full[: len(before) - 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids == ids
+    assert out.outputs[0].text == full[: len(before) - 1]
 
 
 def test_dict_prompts_have_vllms_meaning(llm):
@@ -254,11 +254,11 @@ def test_dict_prompts_have_vllms_meaning(llm):
     plain = llm.generate(["Hello there", ids], GREEDY, use_tqdm=False)
     dicts = llm.generate([{"prompt": "Hello there"}, {"prompt_token_ids": ids}], GREEDY,
                          use_tqdm=False)
-    assert [o.token_ids for o in dicts] == [o.token_ids for o in plain]
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
     assert dicts[0].prompt == "Hello there" and dicts[1].prompt is None
     assert dicts[0].prompt_token_ids == llm.tokenizer.encode("Hello there")
     (single,) = llm.generate({"prompt": "Hello there"}, GREEDY, use_tqdm=False)
-    assert single.prompt == "Hello there" and single.token_ids == plain[0].token_ids
+    assert single.prompt == "Hello there" and single.outputs[0].token_ids == plain[0].outputs[0].token_ids
 
 
 def test_generate_leaves_requests_added_earlier_to_step(llm, hf_model):
@@ -271,7 +271,7 @@ def test_generate_leaves_requests_added_earlier_to_step(llm, hf_model):
     while llm.has_unfinished_requests():
         finished += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in finished] == [rid]
-    assert finished[0].token_ids == hf_greedy(hf_model, early, 30)
+    assert finished[0].outputs[0].token_ids == hf_greedy(hf_model, early, 30)
 
 
 def test_an_earlier_request_that_finishes_inside_generate_is_kept_for_step(llm, hf_model):
@@ -286,8 +286,8 @@ def test_an_earlier_request_that_finishes_inside_generate_is_kept_for_step(llm, 
     while llm.has_unfinished_requests():
         finished += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in finished] == [rid]
-    assert finished[0].token_ids == hf_greedy(hf_model, early, 3)
-    assert finished[0].finish_reason == "length"
+    assert finished[0].outputs[0].token_ids == hf_greedy(hf_model, early, 3)
+    assert finished[0].outputs[0].finish_reason == "length"
 
 
 def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch):
@@ -313,12 +313,12 @@ def test_an_interrupted_abort_request_can_be_repeated(llm, hf_model, monkeypatch
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
     assert llm.step() == [] and not llm.has_unfinished_requests()
     p = _prompts([6], seed=22)[0]
-    assert llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids == hf_greedy(hf_model, p, 8)
+    assert llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf_model, p, 8)
 
 
 def test_abort_of_unknown_or_finished_ids_and_an_idle_step(llm):
     """Item 12: abort_request of an unknown or finished id is a no-op; an idle step returns []."""
-    llm.abort_request(123_456_789)
+    llm.abort_request("123456789")  # request ids are strings, as vLLM's
     out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
     llm.abort_request(out.request_id)
     assert llm.step() == [] and not llm.has_unfinished_requests()
@@ -343,8 +343,8 @@ def test_stop_strings_decode_each_token_a_bounded_number_of_times(llm, monkeypat
         work["tokens"] = 0
         sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=["\x00never"])
         out = llm.generate([[7, 8, 9]], sp, use_tqdm=False)[0]
-        assert len(out.token_ids) == n and out.finish_reason == "length"
-        assert out.text == real(out.token_ids, skip_special_tokens=True)
+        assert len(out.outputs[0].token_ids) == n and out.outputs[0].finish_reason == "length"
+        assert out.outputs[0].text == real(out.outputs[0].token_ids, skip_special_tokens=True)
         return work["tokens"]
 
     short, long = cost(50), cost(240)
@@ -381,4 +381,4 @@ def test_a_second_ctrl_c_during_generates_clean_up_waits_for_it(llm, monkeypatch
     assert calls["abort"] == 4, "the clean-up was cut short: not every request was aborted"
     pool_is_sound(llm)
     assert not llm.requests and llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
-    assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].token_ids) == 8
+    assert len(llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8

@@ -88,7 +88,7 @@ def test_two_engines_in_two_threads_equal_each_alone(tiny_model, hf_model):
 
     def run(i):
         try:
-            got[i] = [[o.token_ids for o in engines[i].generate(sets[i], sp, use_tqdm=False)]
+            got[i] = [[o.outputs[0].token_ids for o in engines[i].generate(sets[i], sp, use_tqdm=False)]
                       for _ in range(3)]
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
@@ -150,7 +150,7 @@ def test_abort_and_add_from_another_thread_while_steps_run(llm, hf_model):
         llm.step()
     assert not errors, errors
     assert len(added) > 3, "the other thread should have added requests during the steps"
-    assert [outs[r].token_ids for r in keep] == [hf_greedy(hf_model, p, 30) for p in ps[:3]]
+    assert [outs[r].outputs[0].token_ids for r in keep] == [hf_greedy(hf_model, p, 30) for p in ps[:3]]
     pool_is_sound(llm)
     assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
 
@@ -171,7 +171,7 @@ def test_a_second_thread_running_the_engine_is_refused_by_name(llm, hf_model):
         with pytest.raises(RuntimeError, match="'first-user'"):
             call()
     runner.join(120)
-    assert [o.token_ids for o in result[0]] == [hf_greedy(hf_model, p, 150) for p in ps]
+    assert [o.outputs[0].token_ids for o in result[0]] == [hf_greedy(hf_model, p, 150) for p in ps]
     assert not llm.has_unfinished_requests() and llm.step() == []
 
 
@@ -185,7 +185,7 @@ def test_an_abort_from_another_thread_ends_a_generate_call_with_abort(llm):
 
     def spy(*a):
         reqs = real(*a)
-        first_id.append(reqs[0].seq.seq_id)
+        first_id.append(reqs[0].seq.request_id)
         return reqs
 
     llm.inputs.requests = spy
@@ -196,8 +196,8 @@ def test_an_abort_from_another_thread_ends_a_generate_call_with_abort(llm):
         timer.join()
     finally:
         del llm.inputs.requests
-    assert outs[0].finish_reason == "abort" and len(outs[0].token_ids) < 300, outs[0].finish_reason
-    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == GREEDY.max_tokens
+    assert outs[0].outputs[0].finish_reason == "abort" and len(outs[0].outputs[0].token_ids) < 300, outs[0].outputs[0].finish_reason
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == GREEDY.max_tokens
     assert not llm.has_unfinished_requests() and llm.step() == []
 
 

@@ -168,15 +168,15 @@ def test_seeded_request_is_reproducible_through_the_engine(tiny_model, llm_kw):
     others = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
     neighbours = _prompts([30, 7, 45], 1)
     with LLM(tiny_model, **llm_kw) as llm:
-        base = llm.generate([p], sp, use_tqdm=False)[0].token_ids
-        warm = llm.generate([p], sp, use_tqdm=False)[0].token_ids  # its prefix blocks are cached now
-        crowd = llm.generate(neighbours + [p], [others] * 3 + [sp], use_tqdm=False)[3].token_ids
+        base = llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids
+        warm = llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids  # its prefix blocks are cached now
+        crowd = llm.generate(neighbours + [p], [others] * 3 + [sp], use_tqdm=False)[3].outputs[0].token_ids
     with LLM(tiny_model, max_num_batched_tokens=16, **llm_kw) as llm:  # prefill in 16-token chunks
-        chunked = llm.generate([p], sp, use_tqdm=False)[0].token_ids
+        chunked = llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids
     with LLM(tiny_model, num_kvcache_blocks=9, **llm_kw) as llm:  # 4 x 64 tokens do not fit: preemption
         outs = llm.generate(neighbours + [p], [others] * 3 + [sp], use_tqdm=False)
-        assert sum(o.num_preemptions for o in outs) > 0, "the scenario must preempt"
-        preempted = outs[3].token_ids
+        assert sum(o.metrics.num_preemptions for o in outs) > 0, "the scenario must preempt"
+        preempted = outs[3].outputs[0].token_ids
     assert len(base) == 24 and len(set(base)) > 1
     assert warm == base, "a warm prefix cache changed the seeded tokens"
     assert crowd == base, "batch neighbours changed the seeded tokens"
@@ -197,6 +197,6 @@ def test_min_tokens_keeps_stop_tokens_out_through_the_engine(tiny_model, hf_mode
     with LLM(tiny_model, **llm_kw) as llm:
         out = llm.generate([p], sp, use_tqdm=False)[0]
         tiny = llm.generate([p], SamplingParams(temperature=1e-38, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    assert out.token_ids[0] == top2[1], (out.token_ids, top2)
-    assert top2[0] not in out.token_ids[:3], out.token_ids
-    assert tiny[0].token_ids == hf_greedy(hf_model, p, 8), "temperature 1e-38 must decode greedily"
+    assert out.outputs[0].token_ids[0] == top2[1], (out.outputs[0].token_ids, top2)
+    assert top2[0] not in out.outputs[0].token_ids[:3], out.outputs[0].token_ids
+    assert tiny[0].outputs[0].token_ids == hf_greedy(hf_model, p, 8), "temperature 1e-38 must decode greedily"

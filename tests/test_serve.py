@@ -49,11 +49,11 @@ def server(tiny_model):
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=MAX_MODEL_LEN,
               max_num_seqs=32)
     refs = {"greedy": llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)}
-    text0 = refs["greedy"][0].text
+    text0 = refs["greedy"][0].outputs[0].text
     stop = text0[len(text0) // 3: len(text0) // 3 + 3]  # a stop string in the middle of the text
     refs["stop"] = (stop, llm.generate(PROMPTS[0], SamplingParams(**GREEDY, stop=[stop]),
                                        use_tqdm=False)[0])
-    stop_id = refs["greedy"][1].token_ids[5]
+    stop_id = refs["greedy"][1].outputs[0].token_ids[5]
     refs["stop_id"] = (stop_id, llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=N,
                        stop_token_ids=[stop_id]), use_tqdm=False)[0])
     refs["extra"] = [llm.generate(PROMPTS[2], SamplingParams(**p), use_tqdm=False)[0] for p in EXTRA]
@@ -95,7 +95,7 @@ def test_greedy_completion_streamed_and_not_match_offline(server, tiny_model):
     for prompt, ref in list(zip(PROMPTS, refs["greedy"]))[:3]:
         whole = c.completions.create(model=NAME, prompt=prompt, extra_body={"ignore_eos": True},
                                      max_tokens=N, temperature=0)
-        assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == "length"
+        assert whole.choices[0].text == ref.outputs[0].text and whole.choices[0].finish_reason == "length"
         assert whole.usage.prompt_tokens == len(tok.encode(prompt))
         assert whole.usage.completion_tokens == N and whole.usage.total_tokens == N + whole.usage.prompt_tokens
         chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
@@ -103,14 +103,14 @@ def test_greedy_completion_streamed_and_not_match_offline(server, tiny_model):
                                            extra_body={"ignore_eos": True}))
         pieces = [ch.choices[0].text for ch in chunks if ch.choices]
         # equal concatenation: no chunk split a UTF-8 character (it would carry a U+FFFD of its own)
-        assert "".join(pieces) == ref.text
+        assert "".join(pieces) == ref.outputs[0].text
         assert len(pieces) > 3, "the text should arrive in many chunks, not at the end"
         assert chunks[-1].usage.completion_tokens == N and not chunks[-1].choices
     # a prompt given as token ids
     ids = tok.encode(PROMPTS[3])
     whole = c.completions.create(model=NAME, prompt=ids, max_tokens=N, temperature=0,
                                  extra_body={"ignore_eos": True})
-    assert whole.choices[0].text == refs["greedy"][3].text
+    assert whole.choices[0].text == refs["greedy"][3].outputs[0].text
 
 
 def test_chat_streamed_and_not_match_offline(server):
@@ -118,20 +118,20 @@ def test_chat_streamed_and_not_match_offline(server):
     c = client(url)
     for messages, ref in zip(CHAT, refs["chat"]):
         whole = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, temperature=0)
-        assert whole.choices[0].message.content == ref.text
+        assert whole.choices[0].message.content == ref.outputs[0].text
         assert whole.choices[0].message.role == "assistant"
         assert whole.usage.prompt_tokens == len(ref.prompt_token_ids)
-        assert whole.usage.completion_tokens == len(ref.token_ids)
+        assert whole.usage.completion_tokens == len(ref.outputs[0].token_ids)
         chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=N,
                                                 temperature=0, stream=True))
         assert chunks[0].choices[0].delta.role == "assistant"
-        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.text
-        assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.outputs[0].text
+        assert chunks[-1].choices[0].finish_reason == ref.outputs[0].finish_reason
     # the template's options (Qwen3's enable_thinking) and OpenAI's list-of-parts content
     parts = [{**CHAT[0][0], "content": [{"type": "text", "text": CHAT[0][0]["content"]}]}]
     whole = c.chat.completions.create(model=NAME, messages=parts, max_tokens=N, temperature=0,
                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    assert whole.choices[0].message.content == refs["no_think"].text
+    assert whole.choices[0].message.content == refs["no_think"].outputs[0].text
     assert refs["no_think"].prompt_token_ids != refs["chat"][0].prompt_token_ids
 
 
@@ -142,8 +142,8 @@ def test_stop_string_is_never_streamed(server):
         model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0, stop=[stop], stream=True,
         extra_body={"ignore_eos": True}))
     text = "".join(ch.choices[0].text for ch in chunks)
-    assert ref.finish_reason == "stop" and stop not in ref.text
-    assert text == ref.text and chunks[-1].choices[0].finish_reason == "stop"
+    assert ref.outputs[0].finish_reason == "stop" and stop not in ref.outputs[0].text
+    assert text == ref.outputs[0].text and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_vllm_sampling_fields(server):
@@ -154,14 +154,14 @@ def test_vllm_sampling_fields(server):
         extra = {k: v for k, v in fields.items() if k not in ("temperature", "max_tokens", "seed")}
         out = c.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=N, seed=fields.get("seed"),
                                    temperature=fields["temperature"], extra_body=extra)
-        assert out.choices[0].text == ref.text, fields
-    assert refs["extra"][0].text == greedy.choices[0].text  # top_k=1 really reached the sampler
+        assert out.choices[0].text == ref.outputs[0].text, fields
+    assert refs["extra"][0].outputs[0].text == greedy.choices[0].text  # top_k=1 really reached the sampler
     stop_id, ref = refs["stop_id"]
     out = c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=N, temperature=0,
                                extra_body={"stop_token_ids": [stop_id]})
-    assert ref.finish_reason == "stop" and len(ref.token_ids) < N
-    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == "stop"
-    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert ref.outputs[0].finish_reason == "stop" and len(ref.outputs[0].token_ids) < N
+    assert out.choices[0].text == ref.outputs[0].text and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(ref.outputs[0].token_ids)
 
 
 def test_16_concurrent_streams(server):
@@ -178,7 +178,7 @@ def test_16_concurrent_streams(server):
 
     state.engine.step_log.clear()
     texts = asyncio.run(main())
-    assert texts == [r.text for r in refs["greedy"]]
+    assert texts == [r.outputs[0].text for r in refs["greedy"]]
     assert max(n for _, n in state.engine.step_log) > 1, "concurrent requests should share steps"
 
 
@@ -188,7 +188,7 @@ def test_errors_get_openai_json_and_the_right_status(server):
     cases = [
         (openai.NotFoundError, 404, dict(model="gpt-9", prompt="hi")),
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", temperature=-1)),
-        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", extra_body={"top_k": 0})),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", extra_body={"top_k": -2})),
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi " * MAX_MODEL_LEN)),  # too long
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", max_tokens=MAX_MODEL_LEN)),
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", n=2)),
@@ -234,7 +234,7 @@ def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
     assert llm.scheduler.block_manager.num_free_blocks == total, "the aborted request kept KV blocks"
     out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
                                          extra_body={"ignore_eos": True})
-    assert out.choices[0].text == refs["greedy"][0].text
+    assert out.choices[0].text == refs["greedy"][0].outputs[0].text
 
 
 def test_sigterm_stops_the_server(tiny_model, tmp_path):
@@ -324,7 +324,7 @@ def test_non_streamed_disconnect_aborts(server, monkeypatch):
     assert llm.scheduler.block_manager.num_free_blocks == total
     out = client(url).completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0,
                                          extra_body={"ignore_eos": True})
-    assert out.choices[0].text == refs["greedy"][0].text
+    assert out.choices[0].text == refs["greedy"][0].outputs[0].text
 
 
 def test_request_cannot_replace_the_chat_template(server):

@@ -47,7 +47,7 @@ def server(tiny_model):
     refs = {"greedy": llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False),
             "ids40": llm.generate([IDS40], SamplingParams(**GREEDY), use_tqdm=False)[0],
             "chat": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=N), use_tqdm=False)[0]}
-    stop_id = refs["ids40"].token_ids[2]
+    stop_id = refs["ids40"].outputs[0].token_ids[2]
     refs["stop"] = (stop_id, llm.generate([IDS40], SamplingParams(temperature=0, max_tokens=N,
                     stop_token_ids=[stop_id]), use_tqdm=False)[0])
     import uvicorn
@@ -127,13 +127,13 @@ def test_metrics_count_what_was_sent(server):
     fixture (the block holding a prompt's last token is always computed)."""
     url, _, _, refs = server
     stop_id, ref_stop = refs["stop"]
-    assert ref_stop.finish_reason == "stop" and len(ref_stop.token_ids) == 3
+    assert ref_stop.outputs[0].finish_reason == "stop" and len(ref_stop.outputs[0].token_ids) == 3
     c = client(url)
     before = scrape(url)
     c.completions.create(model=NAME, prompt=FRESH40, **G)
     a = c.completions.create(model=NAME, prompt=IDS40, **G)
     b = c.completions.create(model=NAME, prompt=IDS40, stream=True, **G)
-    assert "".join(ch.choices[0].text for ch in b) == a.choices[0].text == refs["ids40"].text
+    assert "".join(ch.choices[0].text for ch in b) == a.choices[0].text == refs["ids40"].outputs[0].text
     s = c.completions.create(model=NAME, prompt=IDS40, temperature=0, max_tokens=N,
                              extra_body={"stop_token_ids": [stop_id]})
     assert s.choices[0].finish_reason == "stop"
@@ -184,19 +184,19 @@ def test_a_list_of_prompts_is_one_request_per_prompt(server):
     c = client(url)
     out = c.completions.create(model=NAME, prompt=PROMPTS, **G)
     assert [ch.index for ch in out.choices] == [0, 1, 2]
-    assert [ch.text for ch in out.choices] == [r.text for r in refs["greedy"]]
+    assert [ch.text for ch in out.choices] == [r.outputs[0].text for r in refs["greedy"]]
     assert out.usage.prompt_tokens == sum(len(tok.encode(p)) for p in PROMPTS)
     assert out.usage.completion_tokens == 3 * N
     ids = [tok.encode(p) for p in PROMPTS]  # the same prompts as token-id lists
     out = c.completions.create(model=NAME, prompt=ids[::-1], **G)
-    assert [ch.text for ch in out.choices] == [r.text for r in refs["greedy"][::-1]]
+    assert [ch.text for ch in out.choices] == [r.outputs[0].text for r in refs["greedy"][::-1]]
     chunks = list(c.completions.create(model=NAME, prompt=PROMPTS, stream=True, **G,
                                        stream_options={"include_usage": True}))
     texts = ["", "", ""]
     for ch in chunks[:-1]:
         (choice,) = ch.choices
         texts[choice.index] += choice.text
-    assert texts == [r.text for r in refs["greedy"]]
+    assert texts == [r.outputs[0].text for r in refs["greedy"]]
     assert chunks[-1].usage.completion_tokens == 3 * N and not chunks[-1].choices
     assert len({ch.id for ch in chunks}) == 1, "one request: one id"
 
@@ -223,13 +223,13 @@ def test_echo(server):
     url, _, tok, refs = server
     c = client(url)
     out = c.completions.create(model=NAME, prompt=PROMPTS[:2], echo=True, **G)
-    assert [ch.text for ch in out.choices] == [p + r.text for p, r in zip(PROMPTS[:2], refs["greedy"])]
+    assert [ch.text for ch in out.choices] == [p + r.outputs[0].text for p, r in zip(PROMPTS[:2], refs["greedy"])]
     ids = tok.encode(PROMPTS[2])
     out = c.completions.create(model=NAME, prompt=ids, echo=True, **G)
-    assert out.choices[0].text == tok.decode(ids) + refs["greedy"][2].text
+    assert out.choices[0].text == tok.decode(ids) + refs["greedy"][2].outputs[0].text
     chunks = list(c.completions.create(model=NAME, prompt=PROMPTS[0], echo=True, stream=True, **G))
     assert chunks[0].choices[0].text.startswith(PROMPTS[0])
-    assert "".join(ch.choices[0].text for ch in chunks) == PROMPTS[0] + refs["greedy"][0].text
+    assert "".join(ch.choices[0].text for ch in chunks) == PROMPTS[0] + refs["greedy"][0].outputs[0].text
 
 
 def test_continuous_usage_stats(server):
@@ -253,7 +253,7 @@ def test_continuous_usage_stats(server):
         model=NAME, messages=CHAT, stream=True, temperature=0, max_tokens=N,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert all(ch.usage is not None for ch in chat)
-    assert chat[-1].usage.completion_tokens == len(refs["chat"].token_ids)
+    assert chat[-1].usage.completion_tokens == len(refs["chat"].outputs[0].token_ids)
 
 
 # ---- fields the server does not implement ----------------------------------------------------
@@ -299,12 +299,12 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(server):
                                presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="me",
                                suffix=None, temperature=0, max_tokens=N,
                                extra_body={"repetition_penalty": 1, "ignore_eos": True})
-    assert out.choices[0].text == refs["greedy"][0].text
+    assert out.choices[0].text == refs["greedy"][0].outputs[0].text
     out = c.chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=N, n=1,
                                     logprobs=False, tools=[], response_format={"type": "text"},
                                     metadata={"a": "b"}, store=False, parallel_tool_calls=True,
                                     tool_choice="auto")
-    assert out.choices[0].message.content == refs["chat"].text
+    assert out.choices[0].message.content == refs["chat"].outputs[0].text
 
 
 def test_bodies_that_are_not_requests(server):
@@ -337,5 +337,5 @@ def test_the_async_client_with_a_list_of_prompts(server):
                                                            **G) for i in range(3)))
 
     for i, out in enumerate(asyncio.run(main())):
-        want = [r.text for r in refs["greedy"][i:] + refs["greedy"][:i]]
+        want = [r.outputs[0].text for r in refs["greedy"][i:] + refs["greedy"][:i]]
         assert [ch.text for ch in out.choices] == want

@@ -112,5 +112,5 @@ def test_greedy_chat_matches_transformers(smollm2):
     for o in outs:
         ids = torch.tensor([o.prompt_token_ids])
         ref = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
-        assert o.token_ids == ref.tolist()
-    assert "paris" in outs[0].text.lower()
+        assert o.outputs[0].token_ids == ref.tolist()
+    assert "paris" in outs[0].outputs[0].text.lower()

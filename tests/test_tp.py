@@ -47,17 +47,17 @@ def test_tp2_is_exact_and_other_engines_never_corrupt_it(tp, tiny_model, hf_mode
     TP=1 engine generates and closes; the TP=2 engine's outputs still equal transformers'."""
     ps = prompts([7, 25, 40])
     refs = [hf_greedy(hf_model, p, 16) for p in ps]
-    assert [o.token_ids for o in tp.generate(ps, GREEDY, use_tqdm=False)] == refs
+    assert [o.outputs[0].token_ids for o in tp.generate(ps, GREEDY, use_tqdm=False)] == refs
     t = time.monotonic()
     with pytest.raises(RuntimeError, match="already initialized"):
         LLM(tiny_model, tensor_parallel_size=2, **KW)
     assert time.monotonic() - t < 30  # refused at once, not after a rendezvous timeout
     one = LLM(tiny_model, **KW)
-    assert [o.token_ids for o in one.generate(ps, GREEDY, use_tqdm=False)] == refs
+    assert [o.outputs[0].token_ids for o in one.generate(ps, GREEDY, use_tqdm=False)] == refs
     one.close()
     assert torch.distributed.is_initialized()  # the TP=1 engine left the TP group alone
     assert tp.workers.procs[0].is_alive()
-    assert [o.token_ids for o in tp.generate(ps, GREEDY, use_tqdm=False)] == refs
+    assert [o.outputs[0].token_ids for o in tp.generate(ps, GREEDY, use_tqdm=False)] == refs
 
 
 def test_ctrl_c_during_a_tp_generate_then_the_next_call_is_right(tp, hf_model, slow_steps):
@@ -79,7 +79,7 @@ def test_ctrl_c_during_a_tp_generate_then_the_next_call_is_right(tp, hf_model, s
     assert not tp.has_unfinished_requests()
     assert tp.scheduler.block_manager.num_free_blocks == tp.runner.num_kvcache_blocks
     outs = tp.generate(ps, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf_model, p, 16) for p in ps]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model, p, 16) for p in ps]
 
 
 def test_a_worker_killed_mid_generate_is_named_and_the_engine_closes(tp, slow_steps):
