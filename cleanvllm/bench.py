@@ -78,15 +78,25 @@ def decode_floor_tokens_per_s(
 
 
 def standard_workload(
-    num_seqs: int = 256, max_input: int = 1024, max_output: int = 1024, seed: int = 0
+    num_seqs: int = 256,
+    max_input: int = 1024,
+    max_output: int = 1024,
+    seed: int = 0,
+    logprobs: int | None = None,
 ):
-    """nano-vLLM's bench.py workload: (prompts as token ids, one SamplingParams per prompt)."""
+    """nano-vLLM's bench.py workload: (prompts as token ids, one SamplingParams per prompt);
+    `logprobs`: each request also asks for that many logprobs per token (what they cost)."""
     rng = random.Random(seed)  # the same draws as random.seed(0) followed by random.randint(...)
     prompts = [
         [rng.randint(0, 10000) for _ in range(rng.randint(100, max_input))] for _ in range(num_seqs)
     ]
     params = [
-        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, max_output))
+        SamplingParams(
+            temperature=0.6,
+            ignore_eos=True,
+            max_tokens=rng.randint(100, max_output),
+            logprobs=logprobs,
+        )
         for _ in range(num_seqs)
     ]
     return prompts, params
@@ -357,11 +367,13 @@ def run(
     max_input: int = 1024,
     max_output: int = 1024,
     peer_seqs: int = 32,
+    logprobs: int | None = None,
     **engine_kwargs,
 ) -> dict:
-    """The offline benchmark: throughput, its floor, batch-1 decode and the peer, in one run."""
+    """The offline benchmark: throughput, its floor, batch-1 decode and the peer, in one run
+    (`logprobs`: every request of the workload also asks for that many logprobs per token)."""
     path = model or random_checkpoint(QWEN3_0_6B)
-    prompts, params = standard_workload(num_seqs, max_input, max_output)
+    prompts, params = standard_workload(num_seqs, max_input, max_output, logprobs=logprobs)
     with LLM(path, **engine_kwargs) as llm:
         dev = llm.config.device
         res = dict(
@@ -718,6 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-input", type=int, default=1024)
     ap.add_argument("--max-output", type=int, default=1024)
     ap.add_argument("--peer-seqs", type=int, default=32, help="requests for the peer (0: skip)")
+    ap.add_argument("--logprobs", type=int, help="every request asks for this many logprobs")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -738,7 +751,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = run_sweep(a.model, sizes, a.prompt_len, a.new_tokens, **kw)
         print(sweep_table(res))
     else:
-        res = run(a.model, a.num_seqs, a.max_input, a.max_output, a.peer_seqs, **kw)
+        res = run(a.model, a.num_seqs, a.max_input, a.max_output, a.peer_seqs, a.logprobs, **kw)
         print(table(res))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

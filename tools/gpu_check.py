@@ -5,15 +5,15 @@
     python3 tools/gpu_check.py run         # there: install offline, run everything, one table last
 
 What `run` runs, on the GPU, and prints as one table at the end:
-  - first, alone on the GPU: the benchmark, the profile, the batch sweep and the serving benchmark,
-    with the bandwidth floors they measure;
+  - first, alone on the GPU: the benchmark (also with logprobs=5 on every request), the profile,
+    the batch sweep and the serving benchmark, with the bandwidth floors they measure;
   - then, side by side: every chapter notebook as a learner runs it (nbmake), with the default models;
   - every chapter again with CLEANVLLM_MODEL set to a Qwen3-0.6B-shaped random checkpoint;
   - every chapter with solutions/NN_*.py in its exercise cells
     (tests/test_notebooks.py::test_each_cell_twice_each_task_alone_and_the_solutions);
   - the GPU tests (tests/test_attention.py tests/test_fused.py tests/test_gpu.py).
 The notebook runs and the GPU tests go up to JOBS at a time, within 90 % of the card's memory, each
-seeing only its share of it (tools/gpu_share); the four measurements run one after the other with
+seeing only its share of it (tools/gpu_share); the five measurements run one after the other with
 the GPU to themselves.
 
 The lent GPU machine has no package registry and takes at most 64 MiB per call, so the wheels
@@ -354,7 +354,7 @@ def pretty(x, fmt="{:,.0f}"):
 
 def numbers(name: str, d: dict) -> str:
     """One line of a measurement's numbers, with its floor, from the JSON it wrote."""
-    if name == "benchmark":
+    if name.startswith("benchmark"):  # also "benchmark logprobs=5": every request asks for 5
         c, f = d["cleanvllm"], d["floor"]
         text = (f"{c['tokens_per_s']:,.0f} tok/s of a {f['tokens_per_s']:,.0f} tok/s floor "
                 f"({f['fraction']:.2f} of it; {d['bandwidth_GBps']:,.0f} GB/s measured); batch 1: "
@@ -384,11 +384,13 @@ def numbers(name: str, d: dict) -> str:
 
 
 def measurements(py: str, env: dict, logs: Path, qwen: str, args) -> list[dict]:
-    """The four GPU measurements, one at a time, each row with its numbers and floors."""
+    """The five GPU measurements, one at a time, each row with its numbers and floors."""
     b = ROOT / "benchmarks"
     steps = [
         ("benchmark", [py, "-m", "cleanvllm.bench", "--peer-seqs", str(args.peer_seqs),
                        "--out", str(b / "last_run.json")], b / "last_run.json"),
+        ("benchmark logprobs=5", [py, "-m", "cleanvllm.bench", "--peer-seqs", "0", "--logprobs", "5",
+                                  "--out", str(b / "last_run_logprobs.json")], b / "last_run_logprobs.json"),
         ("profile", [py, "-m", "cleanvllm.bench", "--profile", "--batch-sizes", "1,256",
                      "--out", str(b / "last_profile.json")], b / "last_profile.json"),
         ("sweep", [py, "-m", "cleanvllm.bench", "--sweep", "--out", str(b / "last_sweep.json")],
