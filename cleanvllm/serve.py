@@ -40,7 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from transformers import AutoTokenizer
@@ -48,7 +48,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cleanvllm
 from cleanvllm.engine import LLMEngine, RequestOutput, check_text
-from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.outputs import CompletionOutput
+from cleanvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class ShuttingDown(RuntimeError):
@@ -250,12 +251,15 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     echo: bool = False  # the prompt's text before the completion's
     add_special_tokens: bool = True  # vLLM's: the tokenizer's special tokens around the prompt
+    logprobs: StrictInt | None = None  # k: each token's logprob and the k most likely (legacy form)
 
 
 class ChatRequest(SamplingRequest):
     messages: list[dict]
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false} for Qwen3
+    logprobs: StrictBool | None = None  # each token's logprob...
+    top_logprobs: StrictInt | None = None  # ...and the k most likely (only with logprobs: true)
 
 
 @dataclass(frozen=True)
@@ -271,14 +275,17 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     # the SamplingParams field each sets
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "seed": "seed", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "stop": "stop",
-    "stop_token_ids": "stop_token_ids",
-    # not implemented (yet): one choice, no logprobs, no penalties, no structured output
+    "stop_token_ids": "stop_token_ids", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+    "logit_bias": "logit_bias",  # OpenAI's keys are strings ("50"): SamplingParams reads them
+    "skip_special_tokens": "skip_special_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    # read by the endpoints that have them (logprobs, top_logprobs: see logprobs_asked; echo)
+    "logprobs": Refused((None, False)), "top_logprobs": Refused(), "echo": Refused((None, False)),
+    # not implemented (yet): one choice, no prompt logprobs, no structured output
     "n": Refused((None, 1)), "best_of": Refused((None, 1)), "use_beam_search": Refused((None, False)),
-    "logprobs": Refused((None, False)), "top_logprobs": Refused((None, 0)),
-    "prompt_logprobs": Refused(), "echo": Refused((None, False)),  # chat's; completions implement it
-    "presence_penalty": Refused((None, 0)), "frequency_penalty": Refused((None, 0)),
-    "repetition_penalty": Refused((None, 1)), "length_penalty": Refused((None, 1)),
-    "logit_bias": Refused((None, {})), "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
+    "prompt_logprobs": Refused(), "length_penalty": Refused((None, 1)),
+    "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
     "suffix": Refused((None, "")), "response_format": Refused((None, {"type": "text"})),
     "tools": NO_TOOLS, "functions": NO_TOOLS,  # without tools, a tool choice changes nothing:
     "tool_choice": Refused((None, "none", "auto")), "function_call": Refused((None, "none", "auto")),
@@ -287,7 +294,6 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "guided_whitespace_pattern": Refused(), "structural_tag": Refused(), "documents": Refused(),
     "include_reasoning": Refused((None, True)), "mm_processor_kwargs": Refused(),
     "kv_transfer_params": Refused(), "web_search_options": Refused(),
-    "skip_special_tokens": Refused((None, True)), "include_stop_str_in_output": Refused((None, False)),
     "spaces_between_special_tokens": Refused((None, True)), "truncate_prompt_tokens": Refused(),
     "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
     "chat_template": Refused(), "add_special_tokens": Refused(), "reasoning_effort": Refused(),
@@ -328,7 +334,26 @@ def check_fields(body: SamplingRequest) -> dict:
         raise ValueError("stream_options: only with stream: true")
     if unknown := sorted(set(options or {}) - set(STREAM_OPTIONS)):
         raise ValueError(f"stream_options: unknown {unknown}; known: {list(STREAM_OPTIONS)}")
+    if (k := logprobs_asked(body)) is not None:
+        fields["logprobs"] = k
     return fields
+
+
+def logprobs_asked(body: SamplingRequest) -> int | None:
+    """The alternatives per token a request asks for (None: no logprobs); ValueError naming the
+    field. Completions say `logprobs: k`; chat says `logprobs: true` and `top_logprobs: k`."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and body.logprobs is not True:
+            raise ValueError("top_logprobs: only with logprobs: true (as OpenAI)")
+        name, k = "top_logprobs", (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        name, k = "logprobs", getattr(body, "logprobs", None)
+        if k is not None and body.echo:  # the echoed prompt's tokens would need their logprobs
+            raise ValueError("echo with logprobs needs the prompt's logprobs (prompt_logprobs), "
+                             "which this server does not implement: drop echo or logprobs")  # fmt: skip
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f"{name}={k}: must be an integer in [0, {MAX_LOGPROBS}]")
+    return k
 
 
 def sampling_params(
@@ -659,12 +684,17 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's token counts; cached_tokens: the prompt tokens the prefix cache held (vLLM sends
+    them with --enable-prompt-tokens-details; we always do, once the engine has looked them up)."""
+    counts = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return counts
 
 
 class EventStream(StreamingResponse):
@@ -712,9 +742,12 @@ async def merged(engine: AsyncEngine, handles: list[Handle]):
 
 
 async def event_stream(s: ServerState, handles: list[Handle], body, prompt_tokens: list[int],
-                       chunk, head=None, echo: list[str] | None = None):  # fmt: skip
-    """Events: each choice's text as it grows, its finish reason, usage if asked, [DONE]."""
+                       chunk, head=None, echo: list[str] | None = None, logprobs=None):  # fmt: skip
+    """Events: each choice's text as it grows (with its tokens' logprobs if asked), its finish
+    reason, usage if asked, [DONE]."""
     sent, counts = [None] * len(handles), [0] * len(handles)  # None: nothing sent yet
+    cached = [None] * len(handles)  # the prompt tokens the prefix cache held, once known
+    listed = [Listed() for _ in handles] if logprobs else []  # tokens whose logprobs went out
     options = body.stream_options  # as vLLM: given at all, it means include_usage unless false
     total = options is not None and options.get("include_usage", True) is not False
     each = total and options.get("continuous_usage_stats")  # usage in every chunk
@@ -727,20 +760,22 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
                 delta = done.text[len(sent[i] or "") :]
                 if sent[i] is None and echo:  # the prompt's text comes first, once
                     delta = echo[i] + delta
-                counts[i] = len(done.token_ids)
+                counts[i], cached[i] = len(done.token_ids), out.num_cached_tokens
                 if delta or out.finished:
                     sent[i] = done.text
-                    event = chunk(delta, done.finish_reason, i)
+                    lp = None if logprobs is None else logprobs(*listed[i].take(done, out.finished))
+                    event = chunk(delta, done.finish_reason, i, lp, done.stop_reason)
                     yield sse(
-                        {**event, "usage": usage(prompt_tokens[i], counts[i])} if each else event
-                    )
+                        {**event, "usage": usage(prompt_tokens[i], counts[i], cached[i])}
+                        if each else event
+                    )  # fmt: skip
     except Exception as e:  # the engine failed or is shutting down: say so in the stream
         kind, code = ("service_unavailable", 503) if isinstance(e, ShuttingDown) else (
             "internal_server_error", 500)  # fmt: skip
         yield sse({"error": {"message": str(e), "type": kind, "code": code}})
     else:
         if total:
-            counted = usage(sum(prompt_tokens), sum(counts))
+            counted = usage(sum(prompt_tokens), sum(counts), sum(c or 0 for c in cached))
             yield sse({**chunk("", None), "choices": [], "usage": counted})
     yield sse("[DONE]")
 
@@ -776,8 +811,10 @@ MAX_PROMPTS = 1024  # prompts in one request
 
 
 def completion_chunk(request_id: str, model: str, created: int):
-    def chunk(text: str, finish_reason: str | None, index: int = 0) -> dict:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None,
+              stop_reason: int | str | None = None) -> dict:  # fmt: skip
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason, "stop_reason": stop_reason}  # fmt: skip
         return {"id": request_id, "object": "text_completion", "created": created,
                 "model": model, "choices": [choice]}  # fmt: skip
 
@@ -827,12 +864,18 @@ async def completions(request: Request):
     handles = await s.engine.add_many(ids, params)
     chunk = completion_chunk(f"cmpl-{handles[0].request_id}", s.model_name, int(time.time()))
     echo, lens = texts if body.echo else None, [len(x) for x in ids]
+    lp = None if body.logprobs is None else completion_logprobs
     if body.stream:
-        return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo))
-    outs = [completion(o) for o in await final_outputs(s, handles, request)]
-    choices = [chunk((echo[i] if echo else "") + o.text, o.finish_reason, i)["choices"][0]
-               for i, o in enumerate(outs)]  # fmt: skip
-    total = usage(sum(lens), sum(len(o.token_ids) for o in outs))
+        return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo, logprobs=lp))
+    outs = await final_outputs(s, handles, request)
+    choices = []
+    for i, o in enumerate(map(completion, outs)):
+        # every generated token, as vLLM: a cut stop string's too (their offsets past the text's end)
+        lps = None if lp is None else lp(o.token_ids, o.logprobs, 0)
+        text = (echo[i] if echo else "") + o.text
+        choices.append(chunk(text, o.finish_reason, i, lps, o.stop_reason)["choices"][0])
+    generated = sum(len(completion(o).token_ids) for o in outs)
+    total = usage(sum(lens), generated, sum(o.num_cached_tokens for o in outs))
     return {**chunk("", None), "choices": choices, "usage": total}
 
 
@@ -855,9 +898,11 @@ def chat_messages(s: ServerState, body: ChatRequest) -> list:
 
 
 def chat_chunk(request_id: str, model: str, created: int):
-    def chunk(text: str | None, finish_reason: str | None, index: int = 0, role: str | None = None):
+    def chunk(text: str | None, finish_reason: str | None, index: int = 0, logprobs=None,
+              stop_reason=None, role: str | None = None):  # fmt: skip
         delta = {"role": role, "content": ""} if role else {"content": text} if text else {}
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason, "stop_reason": stop_reason}  # fmt: skip
         return {"id": request_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [choice]}  # fmt: skip
 
@@ -885,20 +930,73 @@ async def chat_completions(request: Request):
     s: ServerState = request.app.state.server
     body = await parse_body(request, ChatRequest)
     s.check_model(body.model)
-    check_fields(body)
+    k = check_fields(body).get("logprobs")
     ids = await chat_ids(s, body)
     params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=None)
     h = await s.engine.add(ids, params)
     chunk = chat_chunk(f"chatcmpl-{h.request_id}", s.model_name, int(time.time()))
+    lp = None if k is None else functools.partial(chat_logprobs, k=k)
     if body.stream:
         head = chunk(None, None, role="assistant")
-        return EventStream(event_stream(s, [h], body, [len(ids)], chunk, head))
+        return EventStream(event_stream(s, [h], body, [len(ids)], chunk, head, logprobs=lp))
     (out,) = await final_outputs(s, [h], request)
     done = completion(out)
     message = {"role": "assistant", "content": done.text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}
+    lps = None if lp is None else lp(done.token_ids, done.logprobs)  # every generated token
+    choice = {"index": 0, "message": message, "logprobs": lps, "finish_reason": done.finish_reason,
+              "stop_reason": done.stop_reason}  # fmt: skip
     reply = {**chunk(None, None), "object": "chat.completion", "choices": [choice]}
-    return {**reply, "usage": usage(len(ids), len(done.token_ids))}
+    return {**reply, "usage": usage(len(ids), len(done.token_ids), out.num_cached_tokens)}
+
+
+def floor(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -inf
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict], offset: int = 0) -> dict:
+    """OpenAI's legacy logprobs of tokens whose text starts at `offset` in the choice's text."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t, entry in zip(token_ids, entries):
+        out["tokens"].append(entry[t].decoded_token)
+        out["token_logprobs"].append(floor(entry[t].logprob))
+        out["top_logprobs"].append({e.decoded_token: floor(e.logprob) for e in entry.values()})
+        out["text_offset"].append(offset)
+        offset += len(entry[t].decoded_token)
+    return out
+
+
+def chat_logprob(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": floor(logprob), "bytes": list(text.encode())}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict], offset: int = 0, k: int = 0) -> dict:
+    """OpenAI's chat logprobs: each token's, with the k most likely (by rank, the best first)."""
+    content = []
+    for t, entry in zip(token_ids, entries):
+        best = sorted(entry.values(), key=lambda e: e.rank)[:k]
+        top = [chat_logprob(e.decoded_token, e.logprob) for e in best]
+        content.append(
+            {**chat_logprob(entry[t].decoded_token, entry[t].logprob), "top_logprobs": top}
+        )
+    return {"content": content}
+
+
+@dataclass
+class Listed:
+    """The tokens of a streamed choice whose logprobs went out, and their texts' total length."""
+
+    count: int = 0
+    chars: int = 0
+
+    def take(self, done: CompletionOutput, finished: bool) -> tuple[list[int], list[dict], int]:
+        """The tokens to list next (all the rest once finished), their logprobs and text offset."""
+        start, offset, known = self.count, self.chars, min(len(done.token_ids), len(done.logprobs))
+        while self.count < known:
+            n = len(done.logprobs[self.count][done.token_ids[self.count]].decoded_token)
+            if not finished and self.chars + n > len(done.text):
+                break  # its text is (partly) held back: it goes out with the text
+            self.count, self.chars = self.count + 1, self.chars + n
+        return done.token_ids[start : self.count], done.logprobs[start : self.count], offset
 
 
 class TokenizeRequest(BaseModel):

@@ -287,15 +287,17 @@ def test_bench_cli_parses_and_reports(server):
 
 
 def test_unsupported_fields_are_refused_not_ignored(server):
-    """logprobs would be silently dropped (a reply without what was asked): 400 instead;
-    max_completion_tokens=0 is a bad value, not 'no limit'. (test_serve_api.py: every other field.)"""
+    """echo with logprobs would need the prompt's logprobs (not implemented): 400, not a reply
+    without them; top_logprobs without logprobs: 400 as OpenAI; max_completion_tokens=0 is a bad
+    value, not 'no limit'. (test_serve_api.py: every other field.)"""
     url = server[0]
     c = client(url)
     cases = [
-        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=2),
-        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=0),
         lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, echo=True, logprobs=1),
-        lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, logprobs=True),
+        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=21),
+        lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, top_logprobs=2),
+        lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, logprobs=True,
+                                          top_logprobs=21),
         lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_completion_tokens=0),
     ]
     for i, call in enumerate(cases):

@@ -259,22 +259,26 @@ def test_continuous_usage_stats(server):
 # ---- fields the server does not implement ----------------------------------------------------
 
 COMPLETION_REFUSED = [
-    ("n", 2), ("best_of", 3), ("logprobs", 1), ("logprobs", 0), ("prompt_logprobs", 1),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("repetition_penalty", 1.2),
-    ("logit_bias", {"50": 100}), ("suffix", "the end"), ("response_format", {"type": "json_object"}),
-    ("guided_json", {"type": "object"}), ("guided_regex", "[0-9]+"), ("guided_choice", ["a", "b"]),
-    ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"regex": "a+"}),
-    ("skip_special_tokens", False), ("include_stop_str_in_output", True), ("allowed_token_ids", [1]),
-    ("truncate_prompt_tokens", 5), ("use_beam_search", True), ("n", True), ("max_tokenz", 3),
+    ("n", 2), ("best_of", 3), ("prompt_logprobs", 1), ("suffix", "the end"),
+    ("response_format", {"type": "json_object"}), ("guided_json", {"type": "object"}),
+    ("guided_regex", "[0-9]+"), ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"),
+    ("structured_outputs", {"regex": "a+"}), ("allowed_token_ids", [1]), ("truncate_prompt_tokens", 5),
+    ("use_beam_search", True), ("n", True), ("max_tokenz", 3), ("top_logprobs", 2),
+    # fields the engine implements, with values it refuses: the 400 still names the field
+    ("logprobs", 21), ("logprobs", -1), ("logprobs", True), ("presence_penalty", 2.5),
+    ("frequency_penalty", "1"), ("repetition_penalty", 0), ("logit_bias", {"x": 1}),
+    ("logit_bias", {"5": 101}), ("logit_bias", {"99999999": 1}), ("skip_special_tokens", "no"),
+    ("include_stop_str_in_output", 1),
 ]
 CHAT_REFUSED = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("top_logprobs", 2),
-    ("logprobs", True), ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
     ("echo", True), ("continue_final_message", True), ("add_generation_prompt", False),
     ("chat_template", "{{ 'hi' }}"), ("reasoning_effort", "high"), ("n", 2),
     ("documents", [{"title": "a", "text": "b"}]), ("include_reasoning", False),
-    ("structural_tag", "{}"), ("add_special_tokens", True),
+    ("structural_tag", "{}"), ("add_special_tokens", True), ("prompt_logprobs", 0),
+    ("logprobs", 1), ("presence_penalty", -3), ("logit_bias", {"-1": 5}),
 ]
 
 
