@@ -1,4 +1,6 @@
+import contextlib
 import os
+import threading
 
 import pytest
 import torch
@@ -89,3 +91,27 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "tasks(*ids): the workbook tasks a test exercises (tools/check.py names them)"
     )
+
+
+@contextlib.contextmanager
+def server_in_thread(state):
+    """The server app of `state` run by uvicorn in a thread on a free port: yields its URL, then
+    stops it and checks that the thread ended (the server tests share this)."""
+    import uvicorn
+
+    from cleanvllm.model_runner import free_port
+    from cleanvllm.serve import build_app, wait_ready
+
+    port = free_port()
+    config = uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=60)
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive(), "the server thread did not stop"

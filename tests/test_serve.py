@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import httpx
@@ -25,7 +24,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from cleanvllm.engine import LLM  # noqa: E402
 from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.serve import AsyncEngine, ServerState, build_app, launch, wait_ready  # noqa: E402
+from cleanvllm.serve import AsyncEngine, ServerState, launch, wait_ready  # noqa: E402
+from conftest import server_in_thread  # noqa: E402
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -60,22 +60,13 @@ def server(tiny_model):
     refs["chat"] = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=N), use_tqdm=False)
     refs["no_think"] = llm.chat(CHAT[0], SamplingParams(temperature=0, max_tokens=N),
                                 enable_thinking=False, use_tqdm=False)[0]
-    import uvicorn
-
     state = ServerState(AsyncEngine(llm), AutoTokenizer.from_pretrained(tiny_model), NAME,
                         MAX_MODEL_LEN)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout=60)
-    yield url, llm, state, refs
-    srv.should_exit = True
-    thread.join(30)
-    llm.close()
-    assert not thread.is_alive(), "the server thread did not stop"
+    try:
+        with server_in_thread(state) as url:
+            yield url, llm, state, refs
+    finally:
+        llm.close()
 
 
 def client(url):

@@ -9,7 +9,6 @@ requests sent.
 
 import asyncio
 import json
-import threading
 
 import httpx
 import pytest
@@ -21,9 +20,9 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import cleanvllm  # noqa: E402
 from cleanvllm.engine import LLM  # noqa: E402
-from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.serve import AsyncEngine, Metrics, ServerState, build_app, wait_ready  # noqa: E402
+from cleanvllm.serve import AsyncEngine, Metrics, ServerState  # noqa: E402
+from conftest import server_in_thread  # noqa: E402
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -50,21 +49,12 @@ def server(tiny_model):
     stop_id = refs["ids40"].outputs[0].token_ids[2]
     refs["stop"] = (stop_id, llm.generate([IDS40], SamplingParams(temperature=0, max_tokens=N,
                     stop_token_ids=[stop_id]), use_tqdm=False)[0])
-    import uvicorn
-
     state = ServerState(AsyncEngine(llm), tok, NAME, MAX_MODEL_LEN)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout=60)
-    yield url, llm, tok, refs
-    srv.should_exit = True
-    thread.join(30)
-    llm.close()
-    assert not thread.is_alive(), "the server thread did not stop"
+    try:
+        with server_in_thread(state) as url:
+            yield url, llm, tok, refs
+    finally:
+        llm.close()
 
 
 def client(url):

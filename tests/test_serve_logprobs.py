@@ -9,7 +9,6 @@ are computed before the server owns the engine; the logprob references come from
 """
 
 import copy
-import threading
 
 import httpx
 import pytest
@@ -20,10 +19,9 @@ pytest.importorskip("uvicorn")
 from transformers import AutoTokenizer  # noqa: E402
 
 from cleanvllm.engine import LLM  # noqa: E402
-from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.serve import AsyncEngine, ServerState, build_app, wait_ready  # noqa: E402
-from conftest import hf_greedy, prompts  # noqa: E402
+from cleanvllm.serve import AsyncEngine, ServerState  # noqa: E402
+from conftest import hf_greedy, prompts, server_in_thread  # noqa: E402
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -67,21 +65,12 @@ def server(tiny_model, hf_model):
                                     use_tqdm=False)[0]
     other = [llm.generate([LONG], SamplingParams(max_tokens=1), use_tqdm=False)[0] for _ in range(2)]
     refs["cached"] = [o.num_cached_tokens for o in other]  # the engine's count, cold then warm
-    import uvicorn
-
     state = ServerState(AsyncEngine(llm), tok, NAME, 256)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout=60)
-    yield url, tok, refs
-    srv.should_exit = True
-    thread.join(30)
-    llm.close()
-    assert not thread.is_alive(), "the server thread did not stop"
+    try:
+        with server_in_thread(state) as url:
+            yield url, tok, refs
+    finally:
+        llm.close()
 
 
 @pytest.fixture(scope="module")
