@@ -289,6 +289,41 @@ def keep_log(what: str, log: Path) -> None:
             f.write(f"===== {what}: {log.name}\n{log.read_text(errors='replace')[-20000:]}\n")
 
 
+# The chapters whose GPU numbers the issue asks to read (kernel timings, CUDA graphs, the measured
+# floor): their default run keeps every cell's printed text, in $OUT/shown.txt.
+SHOW = ("05", "07", "09")
+
+
+def execute(nb_path: str) -> int:
+    """Run one notebook as nbmake does (nbclient, its folder as the working directory) and append
+    each code cell's printed text to shown.txt in GPU_CHECK_LOGS (and $OUT): what a learner reads."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(Path(nb_path).parent)}})
+    rc = 0
+    try:
+        client.execute()
+    except Exception as e:  # the failing cell's output is in nb; the error goes to the log
+        print(f"FAILED {nb_path} - {type(e).__name__}: {str(e)[-1500:]}")
+        rc = 1
+    lines = [f"===== {nb_path} ({'pass' if rc == 0 else 'FAIL'})"]
+    for i, cell in enumerate(nb.cells):
+        texts = [o.get("text", "") if o.get("output_type") == "stream" else
+                 o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", [])
+                 if o.get("output_type") in ("stream", "execute_result", "display_data")]
+        texts = [t for t in texts if t and not t.startswith("<Figure")]
+        if texts:
+            lines.append(f"--- cell {i}: {cell.source.splitlines()[0][:80] if cell.source else ''}")
+            lines.extend(t.rstrip()[:3000] for t in texts)
+    for folder in filter(None, [os.environ.get("GPU_CHECK_LOGS", "/tmp/gpu-check-logs"), os.environ.get("OUT")]):
+        with open(Path(folder) / "shown.txt", "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return rc
+
+
 def chapter_jobs(py: str, qwen: str | None) -> list[tuple]:
     jobs = []
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
@@ -296,6 +331,8 @@ def chapter_jobs(py: str, qwen: str | None) -> list[tuple]:
         rel = str(nb.relative_to(ROOT))
         nbmake = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake", rel]
         engine = ch >= "06"  # from chapter 6 on, chapters load the model and build engines on the GPU
+        if ch in SHOW:  # executed as Jupyter does (nbclient, as nbmake), its printed text kept
+            nbmake = [py, str(Path(__file__).resolve()), "execute", rel]
         jobs.append((ch, "default", nbmake, {}, 8 if engine else 4))
         if qwen:
             jobs.append((ch, "Qwen3-0.6B", nbmake, {"CLEANVLLM_MODEL": qwen}, 12 if engine else 6))
@@ -566,7 +603,11 @@ def main() -> int:
     r.add_argument("--only", help="these chapters only, comma-separated (07,08); no GPU tests")
     r.add_argument("--ways", help="of default,Qwen3-0.6B,solutions: these only (default: all three)")
     r.add_argument("--skip-bench", action="store_true", help="chapters and tests only")
+    e = sub.add_parser("execute", help="there: run one notebook, keeping its printed text (shown.txt)")
+    e.add_argument("notebook")
     args = ap.parse_args()
+    if args.cmd == "execute":
+        return execute(args.notebook)
     if args.cmd == "wheelhouse":
         wheelhouse(args)
         return 0
