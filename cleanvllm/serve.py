@@ -90,24 +90,6 @@ class AsyncEngine:
         except RuntimeError:
             pass
 
-    def _take_commands(self, block: bool) -> None:
-        """Apply every command in the inbox; wait up to idle_wait for the first one if block."""
-        try:
-            cmd = self.inbox.get(timeout=self.idle_wait) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, h, *args = cmd
-            if kind == "add":  # one request, or a group of them (lists)
-                self._add_group(*(cmd[1:] if isinstance(h, list) else ([h], [args[0]], [args[1]])))
-            elif kind == "abort" and h.request_id in self.live:
-                self.engine.abort_request(h.request_id)  # frees the request's KV blocks
-                del self.live[h.request_id]
-            try:
-                cmd = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
     def _add_group(self, handles: list[Handle], prompts: list, params: list) -> None:
         """Add requests that all run or none does; each handle gets its request id, or the error."""
         added = []
@@ -128,6 +110,24 @@ class AsyncEngine:
             self._deliver(h, h.request_id)
         if self.metrics is not None:  # the prompts' prefix-cache hits, looked up as they arrive
             self.metrics.engine(engine_state(self.engine, [h.request_id for h in handles]))
+
+    def _take_commands(self, block: bool) -> None:
+        """Apply every command in the inbox; wait up to idle_wait for the first one if block."""
+        try:
+            cmd = self.inbox.get(timeout=self.idle_wait) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, h, *args = cmd
+            if kind == "add":  # one request, or a group of them (lists)
+                self._add_group(*(cmd[1:] if isinstance(h, list) else ([h], [args[0]], [args[1]])))
+            elif kind == "abort" and h.request_id in self.live:
+                self.engine.abort_request(h.request_id)  # frees the request's KV blocks
+                del self.live[h.request_id]
+            try:
+                cmd = self.inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def _run(self) -> None:
         """The engine thread: take commands, run a step when there is work, deliver the outputs."""
@@ -306,6 +306,23 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
 }  # fmt: skip
 
 
+def logprobs_asked(body: SamplingRequest) -> int | None:
+    """The alternatives per token a request asks for (None: no logprobs); ValueError naming the
+    field. Completions say `logprobs: k`; chat says `logprobs: true` and `top_logprobs: k`."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and body.logprobs is not True:
+            raise ValueError("top_logprobs: only with logprobs: true (as OpenAI)")
+        name, k = "top_logprobs", (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        name, k = "logprobs", getattr(body, "logprobs", None)
+        if k is not None and body.echo:  # the echoed prompt's tokens would need their logprobs
+            raise ValueError("echo with logprobs needs the prompt's logprobs (prompt_logprobs), "
+                             "which this server does not implement: drop echo or logprobs")  # fmt: skip
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f"{name}={k}: must be an integer in [0, {MAX_LOGPROBS}]")
+    return k
+
+
 STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
 
 
@@ -337,23 +354,6 @@ def check_fields(body: SamplingRequest) -> dict:
     if (k := logprobs_asked(body)) is not None:
         fields["logprobs"] = k
     return fields
-
-
-def logprobs_asked(body: SamplingRequest) -> int | None:
-    """The alternatives per token a request asks for (None: no logprobs); ValueError naming the
-    field. Completions say `logprobs: k`; chat says `logprobs: true` and `top_logprobs: k`."""
-    if isinstance(body, ChatRequest):
-        if body.top_logprobs is not None and body.logprobs is not True:
-            raise ValueError("top_logprobs: only with logprobs: true (as OpenAI)")
-        name, k = "top_logprobs", (body.top_logprobs or 0) if body.logprobs else None
-    else:
-        name, k = "logprobs", getattr(body, "logprobs", None)
-        if k is not None and body.echo:  # the echoed prompt's tokens would need their logprobs
-            raise ValueError("echo with logprobs needs the prompt's logprobs (prompt_logprobs), "
-                             "which this server does not implement: drop echo or logprobs")  # fmt: skip
-    if k is not None and not 0 <= k <= MAX_LOGPROBS:
-        raise ValueError(f"{name}={k}: must be an integer in [0, {MAX_LOGPROBS}]")
-    return k
 
 
 def sampling_params(
@@ -419,6 +419,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 router = APIRouter()
+
+
+def route(method: str, path: str):
+    """`@router.<method>(path)`, replacing a route of the same method and path: a cell run again
+    (a fixed task) must serve its new code, and FastAPI answers with the first route it matches."""
+
+    def register(fn):
+        router.routes[:] = [
+            r for r in router.routes if (r.path, r.methods) != (path, {method.upper()})
+        ]
+        return getattr(router, method)(path)(fn)
+
+    return register
 
 
 @dataclass
@@ -564,12 +577,12 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise RequestValidationError(e.errors()) from None
 
 
-@router.get("/health")
+@route("get", "/health")
 async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/v1/models")
+@route("get", "/v1/models")
 async def models(request: Request) -> dict:
     s: ServerState = request.app.state.server
     card = {
@@ -668,13 +681,13 @@ def completion(out: RequestOutput):
     return out.outputs[0]
 
 
-@router.get("/metrics")
+@route("get", "/metrics")
 async def metrics(request: Request) -> Response:
     registry = request.app.state.server.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/version")
+@route("get", "/version")
 async def version(request: Request) -> dict:
     return {"version": cleanvllm.__version__}
 
@@ -848,7 +861,7 @@ async def prompt_ids(s: ServerState, body: CompletionRequest) -> tuple[list, lis
     return [list(p) if t is None else next(encoded) for p, t in zip(prompts, texts)], texts
 
 
-@router.post("/v1/completions")
+@route("post", "/v1/completions")
 async def completions(request: Request):
     s: ServerState = request.app.state.server
     body = await parse_body(request, CompletionRequest)
@@ -925,7 +938,7 @@ async def chat_ids(s: ServerState, body, add_special_tokens: bool = True) -> lis
     return await s.off_loop(encode, check_text(prompt, "the conversation"))
 
 
-@router.post("/v1/chat/completions")
+@route("post", "/v1/chat/completions")
 async def chat_completions(request: Request):
     s: ServerState = request.app.state.server
     body = await parse_body(request, ChatRequest)
@@ -1015,7 +1028,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
-@router.post("/tokenize")
+@route("post", "/tokenize")
 async def tokenize(request: Request) -> dict:
     s: ServerState = request.app.state.server
     body = await parse_body(request, TokenizeRequest)
@@ -1032,7 +1045,7 @@ async def tokenize(request: Request) -> dict:
     return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids, "token_strs": strs}
 
 
-@router.post("/detokenize")
+@route("post", "/detokenize")
 async def detokenize(request: Request) -> dict:
     s: ServerState = request.app.state.server
     body = await parse_body(request, DetokenizeRequest)
@@ -1253,22 +1266,6 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
             "tokens": tokens}  # fmt: skip
 
 
-async def bench_serving(url: str, model: str, rate: float, num_prompts: int, input_len: int,
-                        output_len: int, seed: int = 0) -> dict:  # fmt: skip
-    """Send num_prompts requests at Poisson arrivals of `rate` per second; summarize them."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(10_000) for _ in range(input_len)] for _ in range(num_prompts)]
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        t0, tasks = time.perf_counter(), []
-        for p in prompts:
-            tasks.append(asyncio.create_task(one_request(client, url, model, p, output_len)))
-            if math.isfinite(rate):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-    return summarize(results, time.perf_counter() - t0, rate)
-
-
 def summarize(results: list[dict], duration: float, rate: float) -> dict:
     """Percentiles in ms, throughput in tokens/s, concurrency by Little's law."""
     ttft = [r["ttft"] for r in results]
@@ -1284,6 +1281,22 @@ def summarize(results: list[dict], duration: float, rate: float) -> dict:
         "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
         "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
     }  # fmt: skip
+
+
+async def bench_serving(url: str, model: str, rate: float, num_prompts: int, input_len: int,
+                        output_len: int, seed: int = 0) -> dict:  # fmt: skip
+    """Send num_prompts requests at Poisson arrivals of `rate` per second; summarize them."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10_000) for _ in range(input_len)] for _ in range(num_prompts)]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        t0, tasks = time.perf_counter(), []
+        for p in prompts:
+            tasks.append(asyncio.create_task(one_request(client, url, model, p, output_len)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+    return summarize(results, time.perf_counter() - t0, rate)
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:

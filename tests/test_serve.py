@@ -73,12 +73,14 @@ def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
+@pytest.mark.tasks("11.11")
 def test_health_and_models(server):
     url = server[0]
     assert httpx.get(url + "/health").status_code == 200
     assert [m.id for m in client(url).models.list()] == [NAME]
 
 
+@pytest.mark.tasks("11.4", "11.7", "11.15", "11.17", "11.18", "11.19", "11.21")
 def test_greedy_completion_streamed_and_not_match_offline(server, tiny_model):
     url, _, _, refs = server
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -104,6 +106,7 @@ def test_greedy_completion_streamed_and_not_match_offline(server, tiny_model):
     assert whole.choices[0].text == refs["greedy"][3].outputs[0].text
 
 
+@pytest.mark.tasks("11.17", "11.22", "11.23", "11.24", "11.25")
 def test_chat_streamed_and_not_match_offline(server):
     url, _, _, refs = server
     c = client(url)
@@ -126,6 +129,7 @@ def test_chat_streamed_and_not_match_offline(server):
     assert refs["no_think"].prompt_token_ids != refs["chat"][0].prompt_token_ids
 
 
+@pytest.mark.tasks("11.17")
 def test_stop_string_is_never_streamed(server):
     url, _, _, refs = server
     stop, ref = refs["stop"]
@@ -137,6 +141,7 @@ def test_stop_string_is_never_streamed(server):
     assert text == ref.outputs[0].text and chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.tasks("11.9", "11.10")
 def test_vllm_sampling_fields(server):
     url, _, _, refs = server
     c = client(url)
@@ -155,6 +160,7 @@ def test_vllm_sampling_fields(server):
     assert out.usage.completion_tokens == len(ref.outputs[0].token_ids)
 
 
+@pytest.mark.tasks("11.4", "11.6", "11.7")
 def test_16_concurrent_streams(server):
     url, _, state, refs = server
 
@@ -173,6 +179,7 @@ def test_16_concurrent_streams(server):
     assert max(n for _, n in state.engine.step_log) > 1, "concurrent requests should share steps"
 
 
+@pytest.mark.tasks("11.2", "11.10")
 def test_errors_get_openai_json_and_the_right_status(server):
     url = server[0]
     c = client(url)
@@ -203,6 +210,7 @@ def test_errors_get_openai_json_and_the_right_status(server):
     assert ok.usage.completion_tokens == 2, "the server must keep serving after errors"
 
 
+@pytest.mark.tasks("11.3", "11.7", "11.17")
 def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
     url, llm, _, refs = server
     total = llm.runner.num_kvcache_blocks
@@ -228,6 +236,7 @@ def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
     assert out.choices[0].text == refs["greedy"][0].outputs[0].text
 
 
+@pytest.mark.tasks("11.4", "11.5")
 def test_sigterm_stops_the_server(tiny_model, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -265,6 +274,7 @@ def test_sigterm_stops_the_server(tiny_model, tmp_path):
             os.kill(pid, 0)
 
 
+@pytest.mark.tasks("11.31", "11.32", "11.33")
 def test_bench_cli_parses_and_reports(server):
     """The serving benchmark against the running server: every request counted, numbers finite."""
     from cleanvllm.serve import bench_serving
@@ -277,6 +287,7 @@ def test_bench_cli_parses_and_reports(server):
 
 
 
+@pytest.mark.tasks("11.9")
 def test_unsupported_fields_are_refused_not_ignored(server):
     """echo with logprobs would need the prompt's logprobs (not implemented): 400, not a reply
     without them; top_logprobs without logprobs: 400 as OpenAI; max_completion_tokens=0 is a bad
@@ -299,6 +310,7 @@ def test_unsupported_fields_are_refused_not_ignored(server):
     assert ok.usage.completion_tokens == 2
 
 
+@pytest.mark.tasks("11.3", "11.18")
 def test_non_streamed_disconnect_aborts(server, monkeypatch):
     """A client that gives up on a non-streamed reply (a timeout) must not leave its request running."""
     url, llm, _, refs = server
@@ -320,6 +332,7 @@ def test_non_streamed_disconnect_aborts(server, monkeypatch):
     assert out.choices[0].text == refs["greedy"][0].outputs[0].text
 
 
+@pytest.mark.tasks("11.24")
 def test_request_cannot_replace_the_chat_template(server):
     """A template sent in the request runs on the server's event loop (a nested loop stalls every
     connection): refused with 400; the template's own options still pass."""

@@ -83,6 +83,7 @@ def test_version(server):
     assert httpx.get(server[0] + "/version").json() == {"version": cleanvllm.__version__}
 
 
+@pytest.mark.tasks("11.29", "11.30")
 def test_tokenize_and_detokenize(server):
     url, _, tok, refs = server
     r = httpx.post(url + "/tokenize", json={"model": NAME, "prompt": PROMPTS[0]}).json()
@@ -109,6 +110,7 @@ def test_tokenize_and_detokenize(server):
 
 # ---- /metrics ----------------------------------------------------------------------------------
 
+@pytest.mark.tasks("11.13", "11.14")
 def test_metrics_count_what_was_sent(server):
     """Four requests one after another on 40-token prompts: three run to max_tokens, one stops at a
     stop token id. Counted by hand: 4 first tokens, 3N + 3 generated tokens, 3(N-1) + 2 gaps between
@@ -144,6 +146,7 @@ def test_metrics_count_what_was_sent(server):
     assert after[("cleanvllm:num_requests_running", None)] == 0
 
 
+@pytest.mark.tasks("11.12", "11.13")
 def test_metrics_gauges_during_a_stream(server):
     url, llm, _, _ = server
     total = llm.runner.num_kvcache_blocks
@@ -161,6 +164,7 @@ def test_metrics_gauges_during_a_stream(server):
     assert 3 / total <= used <= 28 / total, (used, total)
 
 
+@pytest.mark.tasks("11.14")
 def test_two_servers_in_one_process_count_apart():
     a, b = Metrics("m"), Metrics("m")  # the global registry would refuse the second
     a.generation_tokens.inc(5)
@@ -169,6 +173,7 @@ def test_two_servers_in_one_process_count_apart():
 
 # ---- prompt lists, echo, continuous usage --------------------------------------------------------
 
+@pytest.mark.tasks("11.16", "11.20", "11.21")
 def test_a_list_of_prompts_is_one_request_per_prompt(server):
     url, _, tok, refs = server
     c = client(url)
@@ -191,6 +196,7 @@ def test_a_list_of_prompts_is_one_request_per_prompt(server):
     assert len({ch.id for ch in chunks}) == 1, "one request: one id"
 
 
+@pytest.mark.tasks("11.2", "11.6")
 def test_one_bad_prompt_refuses_the_whole_request_before_anything_runs(server):
     url, llm, _, _ = server
     before = scrape(url)
@@ -209,6 +215,7 @@ def test_one_bad_prompt_refuses_the_whole_request_before_anything_runs(server):
     assert not llm.has_unfinished_requests()
 
 
+@pytest.mark.tasks("11.21")
 def test_echo(server):
     url, _, tok, refs = server
     c = client(url)
@@ -222,6 +229,7 @@ def test_echo(server):
     assert "".join(ch.choices[0].text for ch in chunks) == PROMPTS[0] + refs["greedy"][0].outputs[0].text
 
 
+@pytest.mark.tasks("11.15", "11.17")
 def test_continuous_usage_stats(server):
     url, _, tok, refs = server
     n_prompt = len(tok.encode(PROMPTS[0]))
@@ -273,6 +281,7 @@ CHAT_REFUSED = [
 
 
 @pytest.mark.parametrize("field,value", COMPLETION_REFUSED)
+@pytest.mark.tasks("11.9")
 def test_completion_fields_not_implemented_are_400s(server, field, value):
     r = httpx.post(server[0] + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
                                                        field: value})
@@ -280,12 +289,14 @@ def test_completion_fields_not_implemented_are_400s(server, field, value):
 
 
 @pytest.mark.parametrize("field,value", CHAT_REFUSED)
+@pytest.mark.tasks("11.9")
 def test_chat_fields_not_implemented_are_400s(server, field, value):
     r = httpx.post(server[0] + "/v1/chat/completions", json={"model": NAME, "messages": CHAT,
                                                             "max_tokens": 2, field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.tasks("11.9")
 def test_neutral_values_and_bookkeeping_fields_are_accepted(server):
     url, _, _, refs = server
     c = client(url)
@@ -313,6 +324,7 @@ def test_bodies_that_are_not_requests(server):
         assert r.status_code == 400 and word in r.json()["error"]["message"], (raw[:30], r.text[:300])
 
 
+@pytest.mark.tasks("11.9")
 def test_stream_options_need_stream(server):
     url = server[0]
     for extra, word in [({"stream_options": {"include_usage": True}}, "stream"),
@@ -321,6 +333,7 @@ def test_stream_options_need_stream(server):
         assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.tasks("11.16", "11.20", "11.21")
 def test_the_async_client_with_a_list_of_prompts(server):
     """Several prompts per request from several clients at once: each gets its own choices back."""
     url, _, _, refs = server

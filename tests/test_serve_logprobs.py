@@ -106,6 +106,7 @@ def check_legacy(lp, ids: list[int], ref: torch.Tensor, tok, k: int) -> None:
         assert all(abs(got[s] - want[s]) < TOL for s in want), (j, got, want)
 
 
+@pytest.mark.tasks("11.21", "11.26")
 def test_completion_logprobs_are_transformers_float64_log_softmax(server, hf64):
     url, tok, refs = server
     c = client(url)
@@ -127,6 +128,7 @@ def test_completion_logprobs_are_transformers_float64_log_softmax(server, hf64):
     assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
 
 
+@pytest.mark.tasks("11.17", "11.28")
 def test_completion_stream_lists_each_token_once_with_its_text(server):
     """With a stop string: the stream's chunks list the tokens of the text they carry, the last one
     lists the rest (those of the stop string, cut from the text); joined, they are the non-streamed
@@ -166,6 +168,7 @@ def check_content(content, ids: list[int], ref: torch.Tensor, tok, k: int) -> No
         assert [x.bytes for x in e.top_logprobs] == [list(x.token.encode()) for x in e.top_logprobs]
 
 
+@pytest.mark.tasks("11.25", "11.27")
 def test_chat_logprobs_are_transformers_float64_log_softmax(server, hf64):
     url, tok, refs = server
     c = client(url)
@@ -189,6 +192,7 @@ def test_chat_logprobs_are_transformers_float64_log_softmax(server, hf64):
     assert off.logprobs is None
 
 
+@pytest.mark.tasks("11.9")
 def test_logprob_fields_that_cannot_work_are_400s_naming_them(server):
     url = server[0]
     for path, body, words in [
@@ -206,6 +210,7 @@ def test_logprob_fields_that_cannot_work_are_400s_naming_them(server):
 
 # ---- penalties, bias, special tokens, stop strings: as LLM.generate does them ------------------------
 
+@pytest.mark.tasks("11.9")
 def test_penalties_and_bias_change_the_output_as_the_engine_does(server):
     url, tok, refs = server
     c = client(url)
@@ -224,6 +229,7 @@ def test_penalties_and_bias_change_the_output_as_the_engine_does(server):
     assert out.choices[0].text == ref.text != plain.text and favourite not in ref.token_ids
 
 
+@pytest.mark.tasks("11.9")
 def test_skip_special_tokens_and_include_stop_str_in_output(server):
     url, tok, refs = server
     c = client(url)
@@ -240,6 +246,7 @@ def test_skip_special_tokens_and_include_stop_str_in_output(server):
     assert out.choices[0].stop_reason == stop
 
 
+@pytest.mark.tasks("11.19", "11.23")
 def test_stop_reason_is_the_stop_token_id_or_null(server):
     url, _, refs = server
     c = client(url)
@@ -256,6 +263,7 @@ def test_stop_reason_is_the_stop_token_id_or_null(server):
 
 # ---- usage.prompt_tokens_details.cached_tokens -----------------------------------------------------
 
+@pytest.mark.tasks("11.12", "11.15")
 def test_cached_tokens_are_the_engines_num_cached_tokens(server):
     """A fresh 48-token prompt twice: nothing cached, then its two full blocks (the block holding the
     last prompt token is always computed): (48 - 1) // 16 * 16 = 32, as the engine counted for another

@@ -90,6 +90,7 @@ def test_an_oversized_stop_set_is_a_400(server, field, value, message):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text",
                                                                          "text": ["a"]}]}]}),
 ])
+@pytest.mark.tasks("11.20", "11.24")
 def test_bad_text_is_a_400_not_a_500(server, path, body):
     r = post(server, path, {"model": "tiny", "max_tokens": 4, **body})
     assert r.status_code == 400, f"expected 400, got {r.status_code}: {r.text[:300]}"
@@ -100,6 +101,7 @@ def test_bad_text_is_a_400_not_a_500(server, path, body):
 
 # ---- finding 2: nothing heavy on the event loop ----------------------------------------------------
 
+@pytest.mark.tasks("11.20", "11.24")
 def test_huge_requests_never_stall_another_stream(server):
     """A 20 MB prompt, a 200,000-message chat (6.6 MB) and a 3 MB prompt while another client
     streams: the first two are over the 4 MiB body limit (413, before any parsing), the last is over
@@ -268,6 +270,7 @@ def test_the_host_header_must_name_this_server(server):
 
 # ---- finding 6: SIGTERM ends every client cleanly ---------------------------------------------------
 
+@pytest.mark.tasks("11.5")
 def test_sigterm_drains_then_ends_every_client_with_503(tiny_model, tmp_path):
     """Running requests get --shutdown-timeout (1 s here) to finish; a new request meanwhile gets a
     503; then the open stream gets an error event (code 503) and [DONE], the open plain request an
