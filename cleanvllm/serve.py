@@ -893,15 +893,23 @@ async def completions(request: Request):
 
 
 def chat_messages(s: ServerState, body: ChatRequest) -> list:
-    """The messages, content given as a list of parts joined into its text parts; a 400 for text
-    that is not a string, and for a conversation too long to fit before it is rendered."""
+    """The messages, content given as a list of parts joined into its text parts (a newline between
+    two, as vLLM joins them); a 400 for a part that is not text (an image: this engine reads text
+    only), for text that is not a string, and for a conversation too long to fit."""
     messages, chars = [], 0
     for i, m in enumerate(body.messages):
         if isinstance(m.get("content"), list):
-            parts = [p.get("text", "") for p in m["content"] if isinstance(p, dict)]
+            kinds = [
+                p.get("type") if isinstance(p, dict) else type(p).__name__ for p in m["content"]
+            ]
+            if any(k != "text" for k in kinds):
+                bad = next(k for k in kinds if k != "text")
+                raise APIError(400, f"messages.{i}.content: a part of type {bad!r} is not supported "
+                                    "(this engine reads text parts only)")  # fmt: skip
+            parts = [p.get("text") for p in m["content"]]
             if not all(isinstance(t, str) for t in parts):
                 raise APIError(400, f"messages.{i}.content: a part's text must be a string")
-            m = {**m, "content": "".join(parts)}
+            m = {**m, "content": "\n".join(parts)}
         chars += len(m["content"]) if isinstance(m.get("content"), str) else 0
         messages.append(m)
     if len(messages) > s.max_model_len:  # every message takes at least one token
@@ -922,8 +930,10 @@ def chat_chunk(request_id: str, model: str, created: int):
     return chunk
 
 
-async def chat_ids(s: ServerState, body, add_special_tokens: bool = True) -> list[int]:
-    """The token ids of a conversation (`body.messages`) rendered by the chat template."""
+async def chat_ids(s: ServerState, body, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of a conversation (`body.messages`) rendered by the chat template. No special
+    tokens are added by default (vLLM's default): the template writes its own, and a tokenizer that
+    adds a BOS would otherwise put a second one in front of the template's."""
     messages = chat_messages(s, body)
     options = body.chat_template_kwargs or {}
     if "chat_template" in options:
@@ -1018,7 +1028,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None  # either a prompt
     messages: list[dict] | None = None  # or a conversation, rendered by the chat template
     chat_template_kwargs: dict | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # vLLM's defaults: True for a prompt, False for messages
     return_token_strs: bool = False
 
 
@@ -1036,10 +1046,11 @@ async def tokenize(request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either prompt or messages")
     if body.messages is not None:
-        ids = await chat_ids(s, body, body.add_special_tokens)
+        ids = await chat_ids(s, body, bool(body.add_special_tokens))
     else:
         s.check_chars(len(body.prompt), "the prompt")
-        encode = functools.partial(s.tokenizer.encode, add_special_tokens=body.add_special_tokens)
+        special = body.add_special_tokens is not False
+        encode = functools.partial(s.tokenizer.encode, add_special_tokens=special)
         ids = await s.off_loop(encode, check_text(body.prompt, "the prompt"))
     strs = s.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids, "token_strs": strs}

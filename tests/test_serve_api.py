@@ -108,6 +108,23 @@ def test_tokenize_and_detokenize(server):
         assert r.status_code in (400, 404) and word in r.json()["error"]["message"], (body, r.text)
 
 
+
+@pytest.mark.tasks("11.22", "11.24")
+def test_content_parts_join_with_newlines_and_an_image_is_refused(server):
+    url, _, tok, _ = server
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "a block table?"}]
+    r = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": parts}]}).json()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is\na block table?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert r["tokens"] == tok.encode(text, add_special_tokens=False), "parts joined with a newline"
+    image = {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        extra = {"model": NAME, "max_tokens": 2} if "chat" in path else {}
+        r = httpx.post(url + path, json={"messages": [{"role": "user", "content": [parts[0], image]}],
+                                         **extra})
+        assert r.status_code == 400 and "'image_url'" in r.json()["error"]["message"], r.text
+        assert "messages.0.content" in r.json()["error"]["message"], r.text
+
 # ---- /metrics ----------------------------------------------------------------------------------
 
 @pytest.mark.tasks("11.13", "11.14")
