@@ -39,7 +39,8 @@ from cleanvllm.sequence import Sequence
 class StepBatch:
     """One step's inputs: per new token (input_ids, positions, slot_mapping), per sequence
     (cu_seqlens_q, context_lens, block_tables, seq_ids) and, for the sampler, each one's
-    SamplingParams, num_generated (completion tokens so far) and, if asked, tokens and logprobs."""
+    SamplingParams, num_generated (completion tokens so far) and, if asked, tokens and logprobs.
+    A decode step leaves slot_mapping and context_lens empty: the device computes them."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -56,7 +57,7 @@ class StepBatch:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.context_lens)
+        return len(self.seq_ids)
 
     @property
     def max_seqlen_q(self) -> int:
@@ -64,18 +65,28 @@ class StepBatch:
 
 
 def decode_batch(
-    seqs: list[Sequence], pos: list[int], ids: list[int], generated: list[int], block_size: int
+    seqs: list[Sequence], pos: list[int], ids: list[int], generated: list[int]
 ) -> StepBatch:
     """One new token per sequence: token ids[i] at position pos[i] of seqs[i]. This runs for up to
-    256 sequences at every step, in Python, while the GPU waits: one list comprehension per list
-    takes about a fifth of the time of prepare_batch's loop (60 us against 270 us for 256)."""
-    slots = [
-        s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
-    ]
-    cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
+    256 sequences at every step, in Python, while the GPU waits: so it only gathers lists, and
+    leaves slots and context lengths to the device (decode_slots)."""
+    cu = list(range(len(seqs) + 1))
     params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
     ids_of = [s.seq_id for s in seqs]
-    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated, ids_of)
+    return StepBatch(False, ids, pos, [], cu, [], tables, params, generated, ids_of)
+
+
+def decode_slots(
+    positions: torch.Tensor, block_tables: torch.Tensor, num_seqs: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's slot and context length, by tensor operations (so a CUDA graph can hold them):
+    row i < num_seqs writes position p = positions[i] to block_tables[i, p // block_size] *
+    block_size + p % block_size and attends to p + 1 keys; a padding row writes nowhere (-1) and
+    attends to one key. num_seqs is a one-element tensor: a graph reads it at every replay."""
+    real = torch.arange(len(positions), device=positions.device) < num_seqs
+    block = block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
+    slots = torch.where(real, block * block_size + positions % block_size, -1)
+    return slots, torch.where(real, positions + 1, 1)
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
@@ -84,7 +95,7 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
     if not is_prefill:  # decode: each sequence's newest token, at position num_cached_tokens
         pos = [s.num_cached_tokens for s in seqs]
         ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        return decode_batch(seqs, pos, ids, generated, block_size)
+        return decode_batch(seqs, pos, ids, generated)
     params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
     ids, pos, slots, cu, ctx = [], [], [], [0], []
     for seq in seqs:
@@ -163,23 +174,27 @@ class InputBatch:
     def __init__(self, rows: int, width: int):
         self.block_tables = np.zeros((rows, width), dtype=np.int64)
         self.temperatures = np.zeros(rows, dtype=np.float32)
-        self.num_blocks = [0] * rows  # columns of each row that hold its table
+        self.num_blocks = np.zeros(rows, dtype=np.int64)  # columns of each row that hold its table
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free = list(range(rows - 1, -1, -1))
 
-    def rows(self, batch: StepBatch) -> list[int]:
-        """Each sequence's row, brought up to date: only new blocks are written."""
-        rows = []
-        for seq_id, table, sp in zip(batch.seq_ids, batch.block_tables, batch.params):
-            row = self.row_of.get(seq_id)
-            if row is None or batch.is_prefill:  # new, or maybe new blocks: write it whole
-                row = self._take(seq_id, batch) if row is None else row
-                self.temperatures[row], self.num_blocks[row] = sp.temperature, 0
-            known = self.num_blocks[row]
-            if len(table) > known:  # decode: a block opened since the last step
-                self.block_tables[row, known : len(table)] = table[known:]
-                self.num_blocks[row] = len(table)
-            rows.append(row)
+    def rows(self, batch: StepBatch) -> np.ndarray:
+        """Each sequence's row, brought up to date. A new row (or any row, at prefill) is written
+        whole; otherwise only the rows whose table grew are touched: a decode step costs a lookup
+        per sequence and a few vector operations, not a Python loop over every table."""
+        get, n = self.row_of.get, len(batch.seq_ids)
+        rows = np.fromiter((get(i, -1) for i in batch.seq_ids), np.int64, n)
+        for i in range(n) if batch.is_prefill else np.flatnonzero(rows < 0):
+            row = self._take(batch.seq_ids[i], batch) if rows[i] < 0 else rows[i]
+            rows[i], self.num_blocks[row] = row, 0  # its table is written whole below
+            self.temperatures[row] = batch.params[i].temperature
+        grown = np.fromiter(map(len, batch.block_tables), np.int64, n) > self.num_blocks[rows]
+        for i in np.flatnonzero(grown):  # decode: a block opened since the last step
+            row, table = rows[i], batch.block_tables[i]
+            self.block_tables[row, self.num_blocks[row] : len(table)] = table[
+                self.num_blocks[row] :
+            ]
+            self.num_blocks[row] = len(table)
         return rows
 
     def _take(self, seq_id: int, batch: StepBatch) -> int:
@@ -299,6 +314,7 @@ class ModelRunner:
             block_tables=(s, w),
             step_seed=(1,),  # the in-graph sampler's seed, fresh at every step
             rows=(s,),  # each sequence's row in the persistent batch
+            num_seqs=(1,),  # the real rows of a decode step padded to a graph's rows
         )
         self.buffers = StepBuffers(shapes, s, self.device)
         self.input_batch = InputBatch(s, w)
@@ -337,16 +353,18 @@ class ModelRunner:
         device, from the token its row sampled last."""
         (h, temps), b, n = self.buffers.next_host(), batch.num_seqs, len(batch.input_ids)
         pad = rows - b
+        if pad and batch.is_prefill:
+            raise ValueError(f"only a decode step is padded (to a CUDA graph's rows): {b} -> {rows}")
         h["input_ids"][:n] = batch.input_ids
         h["positions"][:n] = batch.positions
-        h["slot_mapping"][:n] = batch.slot_mapping
         h["cu_seqlens_q"][: b + 1] = batch.cu_seqlens_q
-        h["context_lens"][:b] = batch.context_lens
+        h["num_seqs"][0] = b
+        if batch.is_prefill:  # (a decode step's are computed on the device: _decode_slots)
+            h["slot_mapping"][:n] = batch.slot_mapping
+            h["context_lens"][:b] = batch.context_lens
         if pad:
             h["input_ids"][n : n + pad] = h["positions"][n : n + pad] = 0
-            h["slot_mapping"][n : n + pad] = -1
-            h["cu_seqlens_q"][b + 1 : rows + 1] = range(n + 1, n + pad + 1)
-            h["context_lens"][b:rows] = 1
+            h["cu_seqlens_q"][b + 1 : rows + 1] = np.arange(n + 1, n + pad + 1)
             h["block_tables"][b:rows, 0] = 0
         kept = self.input_batch.rows(batch)
         h["rows"][:b] = kept
@@ -359,18 +377,28 @@ class ModelRunner:
             ids, row = self.buffers.dev["input_ids"][:n], self.buffers.dev["rows"][:n]
             ids.copy_(torch.where(ids == PENDING, self.buffers.last_token[row], ids))
 
+    def _decode_slots(self, rows: int) -> None:
+        """A staged decode step's slots and context lengths, computed on the device from its positions
+        and block tables (inside the graph on the graph path: the host never computes them)."""
+        d = self.buffers.dev
+        slots, ctx = decode_slots(
+            d["positions"][:rows], d["block_tables"][:rows], d["num_seqs"], self.block_size
+        )
+        d["slot_mapping"][:rows] = slots
+        d["context_lens"][:rows] = ctx
+
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
         included), block tables `width` blocks wide (default: max_blocks_per_seq)."""
-        b, cu_k = self.buffers.dev, None
-        if self.config.attention_backend == "flash":  # flash-attn's varlen API wants these too
+        b, prefill, cu_k = self.buffers.dev, batch.is_prefill, None
+        if self.config.attention_backend == "flash" and prefill:  # flash-attn's varlen API wants it
             cu_k = torch.tensor([0, *batch.context_lens], device=self.device).cumsum(0).to(torch.int32)
         set_context(
-            is_prefill=batch.is_prefill,
+            is_prefill=prefill,
             cu_seqlens_q=b["cu_seqlens_q"][: rows + 1],
             cu_seqlens_k=cu_k,
             max_seqlen_q=batch.max_seqlen_q,
-            max_seqlen_k=max(batch.context_lens),
+            max_seqlen_k=max(batch.context_lens) if prefill else 0,  # decode kernels read context_lens
             slot_mapping=b["slot_mapping"][: len(batch.input_ids) + rows - batch.num_seqs],
             context_lens=b["context_lens"][:rows],
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
@@ -380,6 +408,8 @@ class ModelRunner:
         """The model on the batch as it is; the hidden state of each sequence's last new token."""
         rows, n = batch.num_seqs, len(batch.input_ids)
         self._stage(batch, rows)
+        if not batch.is_prefill:
+            self._decode_slots(rows)  # what a graph computes inside itself
         self._context(batch, rows, max(len(t) for t in batch.block_tables))
         try:
             hidden = self.model(self.buffers.dev["input_ids"][:n], self.buffers.dev["positions"][:n])
@@ -521,7 +551,9 @@ class ModelRunner:
         return self.collect(self.launch(batch))
 
     def _graph_body(self, rows: int) -> None:
-        """What a decode graph records: the model, then (one rank) logits and temperature sampling."""
+        """What a decode graph records: the step's slots and context lengths, the model, then (one
+        rank) logits and temperature sampling."""
+        self._decode_slots(rows)  # inside the graph: the host never computes them
         hidden = self.model(self.buffers.dev["input_ids"][:rows], self.buffers.dev["positions"][:rows])
         self.graph_out[:rows] = hidden
         if self.graph_samples:
@@ -544,7 +576,7 @@ class ModelRunner:
         if self.graph_samples:
             self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
             self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
-        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0], [-1])
+        dummy = StepBatch(False, [0], [0], [], [0, 1], [], [[0]], [SamplingParams()], [0], [-1])
         self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
         for rows in reversed(self.graph_sizes):  # largest first: the others fit in its pool
