@@ -120,50 +120,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class HostTwin:
+    """One host copy of a step: its integer inputs (`flat`, numpy views by name), temperatures, and
+    the slot its sampled tokens come back to. Pinned on a GPU, so that copies do not block."""
+
+    flat: torch.Tensor
+    views: dict[str, np.ndarray]
+    temps: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def allocate(cls, shapes: dict[str, tuple[int, ...]], rows: int, pin: bool) -> "HostTwin":
+        flat = torch.zeros(sum(map(math.prod, shapes.values())), dtype=torch.int64, pin_memory=pin)
+        views, off = {}, 0
+        for name, shape in shapes.items():
+            views[name] = flat.numpy()[off : off + math.prod(shape)].reshape(shape)
+            off += math.prod(shape)
+        temps = torch.zeros(rows, pin_memory=pin)
+        return cls(flat, views, temps, torch.zeros(rows, dtype=torch.int64, pin_memory=pin))
+
+
 class StepBuffers:
     """A step's inputs, allocated once: device views by name, host twins to stage them in."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, device: torch.device):
-        pin = device.type == "cuda"
-        twins = 2 if pin else 1  # on a CPU the host twin *is* the device buffer
-        total = sum(math.prod(shape) for shape in shapes.values())
-        self.flat_hosts = [
-            torch.zeros(total, dtype=torch.int64, pin_memory=pin) for _ in range(twins)
-        ]
-        self.flat = (
-            torch.zeros(total, dtype=torch.int64, device=device) if pin else self.flat_hosts[0]
-        )
-        self.temp_hosts = [torch.zeros(rows, pin_memory=pin) for _ in range(twins)]
-        self.temps = torch.zeros(rows, device=device) if pin else self.temp_hosts[0]
+        on_gpu = device.type == "cuda"
+        self.twins = [HostTwin.allocate(shapes, rows, on_gpu) for _ in range(2 if on_gpu else 1)]
+        self.turn = 0  # the twin of the step staged last
+        first = self.twins[0]  # on a CPU the host twin *is* the device buffer
+        self.flat = first.flat.to(device) if on_gpu else first.flat
+        self.temps = first.temps.to(device) if on_gpu else first.temps
         self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)  # per row
-        self.token_hosts = [torch.zeros(rows, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self.dev, self.hosts, off = {}, [{} for _ in range(twins)], 0
+        self.dev, off = {}, 0
         for name, shape in shapes.items():
-            size = math.prod(shape)
-            self.dev[name] = self.flat[off : off + size].view(shape)
-            for views, host in zip(self.hosts, self.flat_hosts):
-                views[name] = host.numpy()[off : off + size].reshape(shape)
-            off += size
-        self.turn = self.token_turn = 0
+            self.dev[name] = self.flat[off : off + math.prod(shape)].view(shape)
+            off += math.prod(shape)
 
-    def next_host(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The host twin to stage the next step in: its views by name, and its temperatures."""
-        self.turn = (self.turn + 1) % len(self.hosts)
-        return self.hosts[self.turn], self.temp_hosts[self.turn].numpy()
+    def next_twin(self) -> HostTwin:
+        """The host twin to stage the next step in (the other one may still be in flight)."""
+        self.turn = (self.turn + 1) % len(self.twins)
+        return self.twins[self.turn]
 
     def upload(self) -> None:
         """Queue the copy of the staged twin to the device, behind the running step."""
-        if self.flat is not self.flat_hosts[0]:
-            self.flat.copy_(self.flat_hosts[self.turn], non_blocking=True)
-            self.temps.copy_(self.temp_hosts[self.turn], non_blocking=True)
+        twin = self.twins[self.turn]
+        if self.flat is not twin.flat:
+            self.flat.copy_(twin.flat, non_blocking=True)
+            self.temps.copy_(twin.temps, non_blocking=True)
 
     def download(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Queue the copy of sampled tokens to a pinned host slot (two, in turn: the last step's may
-        be unread yet); on a CPU the tokens are on the host already."""
+        """Queue the copy of the staged step's sampled tokens into its twin; on a CPU the tokens are on
+        the host already."""
         if not tokens.is_cuda:
             return tokens
-        self.token_turn ^= 1
-        host = self.token_hosts[self.token_turn][: len(tokens)]
+        host = self.twins[self.turn].tokens[: len(tokens)]
         host.copy_(tokens, non_blocking=True)
         return host
 
@@ -209,6 +220,16 @@ class InputBatch:
 
 
 @dataclass
+class GraphOutputs:
+    """What the decode graphs write, at fixed addresses: the hidden states and, when one rank
+    samples inside the graph, the logits and the sampled tokens (None with tensor parallelism)."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+@dataclass
 class Launched:
     """A step on its way: its sampled token ids on the device and, once `done` has fired, on the
     host (rank 0; None on the other ranks). On a CPU the step has already run: `done` is None."""
@@ -231,6 +252,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
+        self.graph_outputs: GraphOutputs | None = None
+        self.model = self.buffers = self.input_batch = self.kv_cache = None
         self.owns_group = False
         self.tp = self._join_group(dist_port)
         try:
@@ -277,8 +300,7 @@ class ModelRunner:
     def release(self) -> None:
         """Free the graphs, KV cache and weights now, and destroy the process group if it is ours."""
         self.graphs.clear()
-        for name in "kv_cache model buffers input_batch graph_out graph_logits graph_tokens".split():
-            self.__dict__.pop(name, None)
+        self.graph_outputs = self.buffers = self.input_batch = self.kv_cache = self.model = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
@@ -351,7 +373,8 @@ class ModelRunner:
         """Write the batch into a host twin, padded to `rows` sequences, and queue its copy. Tables
         and temperatures come from the persistent batch; a PENDING input id (chapter 8) is read on the
         device, from the token its row sampled last."""
-        (h, temps), b, n = self.buffers.next_host(), batch.num_seqs, len(batch.input_ids)
+        twin, b, n = self.buffers.next_twin(), batch.num_seqs, len(batch.input_ids)
+        h, temps = twin.views, twin.temps.numpy()
         pad = rows - b
         if pad and batch.is_prefill:
             raise ValueError(f"only a decode step is padded (to a CUDA graph's rows): {b} -> {rows}")
@@ -516,12 +539,13 @@ class ModelRunner:
         else:
             self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
-            if not self.graph_samples:  # tensor parallel: logits are gathered outside the graph
-                logits = self.model.compute_logits(self.graph_out[:rows])
+            out = self.graph_outputs
+            if out.tokens is None:  # tensor parallel: logits are gathered outside the graph
+                logits = self.model.compute_logits(out.hidden[:rows])
             elif all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
-                tokens = self.graph_tokens[:rows]  # the graph has sampled them already
+                tokens = out.tokens[:rows]  # the graph has sampled them already
             else:
-                logits = self.graph_logits[:rows]
+                logits = out.logits[:rows]
         if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
             return Launched(None, None)
         if tokens is None:
@@ -554,28 +578,30 @@ class ModelRunner:
         """What a decode graph records: the step's slots and context lengths, the model, then (one
         rank) logits and temperature sampling."""
         self._decode_slots(rows)  # inside the graph: the host never computes them
+        out = self.graph_outputs
         hidden = self.model(self.buffers.dev["input_ids"][:rows], self.buffers.dev["positions"][:rows])
-        self.graph_out[:rows] = hidden
-        if self.graph_samples:
+        out.hidden[:rows] = hidden
+        if out.tokens is not None:
             logits = self.model.compute_logits(hidden)
-            self.graph_logits[:rows] = logits
+            out.logits[:rows] = logits
             temps = self.buffers.temps[:rows]
             if self.config.fuse_kernels:  # one pass over the logits
                 tokens = sample_temperature_triton(logits, temps, self.buffers.dev["step_seed"])
             else:
                 tokens = sample_temperature(logits, temps)
-            self.graph_tokens[:rows] = tokens
+            out.tokens[:rows] = tokens
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         """One decode graph per size of a ladder; all read the same buffers and share one pool."""
         c, top = self.config, min(self.config.max_num_seqs, 512)
-        hf, dtype = c.hf_config, c.torch_dtype
-        self.graph_out = torch.zeros(top, hf.hidden_size, dtype=dtype, device=self.device)
-        self.graph_samples = self.tp.size == 1
-        if self.graph_samples:
-            self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
-            self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
+        hf, dtype, one_rank = c.hf_config, c.torch_dtype, self.tp.size == 1  # one rank samples inside
+        with torch.device(self.device):
+            self.graph_outputs = GraphOutputs(
+                torch.zeros(top, hf.hidden_size, dtype=dtype),
+                torch.zeros(top, hf.vocab_size, dtype=dtype) if one_rank else None,
+                torch.zeros(top, dtype=torch.int64) if one_rank else None,
+            )
         dummy = StepBatch(False, [0], [0], [], [0, 1], [], [[0]], [SamplingParams()], [0], [-1])
         self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
