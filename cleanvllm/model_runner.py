@@ -585,7 +585,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
             out.logits[:rows] = logits
             temps = self.buffers.temps[:rows]
-            if self.config.fuse_kernels:  # one pass over the logits
+            if self.model.kernels.triton(logits):  # one pass over the logits (the model's choice)
                 tokens = sample_temperature_triton(logits, temps, self.buffers.dev["step_seed"])
             else:
                 tokens = sample_temperature(logits, temps)
