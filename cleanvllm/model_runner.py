@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cleanvllm.attention import BACKENDS
 from cleanvllm.config import Config, attention_shape
 from cleanvllm.context import reset_context, set_context
 from cleanvllm.layers import TPGroup
@@ -249,6 +250,7 @@ class ModelRunner:
         if config.device == "cuda":
             torch.cuda.set_device(self.device)
         self.block_size = config.kvcache_block_size
+        self.attention = BACKENDS[config.attention_backend]  # resolved and checked by Config
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
@@ -264,9 +266,9 @@ class ModelRunner:
             if (
                 self.device.type == "cuda"
                 and not config.enforce_eager
-                and config.attention_backend != "torch"
+                and self.attention.capturable
             ):
-                self._capture_graphs()  # (PyTorch attention is not capturable)
+                self._capture_graphs()
         except BaseException:
             self.release()
             raise
@@ -413,18 +415,17 @@ class ModelRunner:
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
         included), block tables `width` blocks wide (default: max_blocks_per_seq)."""
-        b, prefill, cu_k = self.buffers.dev, batch.is_prefill, None
-        if self.config.attention_backend == "flash" and prefill:  # flash-attn's varlen API wants it
-            cu_k = torch.tensor([0, *batch.context_lens], device=self.device).cumsum(0).to(torch.int32)
+        b, prefill = self.buffers.dev, batch.is_prefill
+        extra = self.attention.metadata(prefill, batch.context_lens, self.device)  # the backend's own
         set_context(
             is_prefill=prefill,
             cu_seqlens_q=b["cu_seqlens_q"][: rows + 1],
-            cu_seqlens_k=cu_k,
             max_seqlen_q=batch.max_seqlen_q,
             max_seqlen_k=max(batch.context_lens) if prefill else 0,  # decode kernels read context_lens
             slot_mapping=b["slot_mapping"][: len(batch.input_ids) + rows - batch.num_seqs],
             context_lens=b["context_lens"][:rows],
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
+            **extra,
         )
 
     def _run_eager(self, batch: StepBatch) -> torch.Tensor:
