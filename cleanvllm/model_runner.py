@@ -65,18 +65,6 @@ class StepBatch:
         return max(b - a for a, b in zip(self.cu_seqlens_q, self.cu_seqlens_q[1:]))
 
 
-def decode_batch(
-    seqs: list[Sequence], pos: list[int], ids: list[int], generated: list[int]
-) -> StepBatch:
-    """One new token per sequence: token ids[i] at position pos[i] of seqs[i]. This runs for up to
-    256 sequences at every step, in Python, while the GPU waits: so it only gathers lists, and
-    leaves slots and context lengths to the device (decode_slots)."""
-    cu = list(range(len(seqs) + 1))
-    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
-    ids_of = [s.seq_id for s in seqs]
-    return StepBatch(False, ids, pos, [], cu, [], tables, params, generated, ids_of)
-
-
 def decode_slots(
     positions: torch.Tensor, block_tables: torch.Tensor, num_seqs: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +79,16 @@ def decode_slots(
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
-    """The StepBatch of the scheduled sequences: their tokens from num_cached_tokens on."""
+    """The StepBatch of the scheduled sequences: their tokens from num_cached_tokens on. A decode
+    step runs for up to 256 sequences at every step, in Python, while the GPU waits: it only gathers
+    lists, and leaves slots and context lengths to the device (decode_slots)."""
     generated = [len(s.token_ids) - s.num_prompt_tokens for s in seqs]
+    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
+    seq_ids = [s.seq_id for s in seqs]
     if not is_prefill:  # decode: each sequence's newest token, at position num_cached_tokens
         pos = [s.num_cached_tokens for s in seqs]
-        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        return decode_batch(seqs, pos, ids, generated)
-    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
+        ids, cu = [s.token_ids[p] for s, p in zip(seqs, pos)], list(range(len(seqs) + 1))
+        return StepBatch(False, ids, pos, [], cu, [], tables, params, generated, seq_ids)
     ids, pos, slots, cu, ctx = [], [], [], [0], []
     for seq in seqs:
         start = seq.num_cached_tokens
@@ -110,7 +101,6 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
             slots.extend(range(base + lo - b * block_size, base + hi - b * block_size))
         cu.append(cu[-1] + end - start)
         ctx.append(end)
-    seq_ids = [s.seq_id for s in seqs]
     return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated, seq_ids)
 
 
@@ -119,6 +109,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def split(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Views of one flat buffer by name, one after the other, in the given shapes."""
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    parts = flat.split(sizes)
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
 
 
 @dataclass
@@ -134,10 +131,7 @@ class HostTwin:
     @classmethod
     def allocate(cls, shapes: dict[str, tuple[int, ...]], rows: int, pin: bool) -> "HostTwin":
         flat = torch.zeros(sum(map(math.prod, shapes.values())), dtype=torch.int64, pin_memory=pin)
-        views, off = {}, 0
-        for name, shape in shapes.items():
-            views[name] = flat.numpy()[off : off + math.prod(shape)].reshape(shape)
-            off += math.prod(shape)
+        views = {name: v.numpy() for name, v in split(flat, shapes).items()}
         temps = torch.zeros(rows, pin_memory=pin)
         return cls(flat, views, temps, torch.zeros(rows, dtype=torch.int64, pin_memory=pin))
 
@@ -153,10 +147,7 @@ class StepBuffers:
         self.flat = first.flat.to(device) if on_gpu else first.flat
         self.temps = first.temps.to(device) if on_gpu else first.temps
         self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)  # per row
-        self.dev, off = {}, 0
-        for name, shape in shapes.items():
-            self.dev[name] = self.flat[off : off + math.prod(shape)].view(shape)
-            off += math.prod(shape)
+        self.dev = split(self.flat, shapes)
 
     def next_twin(self) -> HostTwin:
         """The host twin to stage the next step in (the other one may still be in flight)."""
@@ -203,10 +194,8 @@ class InputBatch:
         grown = np.fromiter(map(len, batch.block_tables), np.int64, n) > self.num_blocks[rows]
         for i in np.flatnonzero(grown):  # decode: a block opened since the last step
             row, table = rows[i], batch.block_tables[i]
-            self.block_tables[row, self.num_blocks[row] : len(table)] = table[
-                self.num_blocks[row] :
-            ]
-            self.num_blocks[row] = len(table)
+            known, self.num_blocks[row] = self.num_blocks[row], len(table)
+            self.block_tables[row, known : len(table)] = table[known:]
         return rows
 
     def _take(self, seq_id: int, batch: StepBatch) -> int:
@@ -405,12 +394,10 @@ class ModelRunner:
     def _decode_slots(self, rows: int) -> None:
         """A staged decode step's slots and context lengths, computed on the device from its positions
         and block tables (inside the graph on the graph path: the host never computes them)."""
-        d = self.buffers.dev
-        slots, ctx = decode_slots(
-            d["positions"][:rows], d["block_tables"][:rows], d["num_seqs"], self.block_size
+        d, n = self.buffers.dev, rows
+        d["slot_mapping"][:n], d["context_lens"][:n] = decode_slots(
+            d["positions"][:n], d["block_tables"][:n], d["num_seqs"], self.block_size
         )
-        d["slot_mapping"][:rows] = slots
-        d["context_lens"][:rows] = ctx
 
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
