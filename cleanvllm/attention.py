@@ -427,6 +427,19 @@ def triton_no_cache(q, k, v, ctx, scale: float, block_size: int = 16) -> torch.T
     return paged_prefill_triton(q, k_cache, v_cache, cu, q_lens, tables, ctx.max_seqlen_q, scale)
 
 
+def no_metadata(is_prefill: bool, context_lens: list[int], device: torch.device) -> dict:
+    """The Context fields every backend gets are all that ours read."""
+    return {}
+
+
+def flash_metadata(is_prefill: bool, context_lens: list[int], device: torch.device) -> dict:
+    """flash-attn's varlen prefill also reads where each sequence's keys start: cu_seqlens_k."""
+    if not is_prefill:
+        return {}
+    cu_k = torch.tensor([0, *context_lens], device=device).cumsum(0).to(torch.int32)
+    return {"cu_seqlens_k": cu_k}
+
+
 @dataclass(frozen=True)
 class Backend:
     """One attention backend; the attend functions all take (q, k or k_cache, v or v_cache, ctx, scale)."""
@@ -435,12 +448,16 @@ class Backend:
     prefill: Callable  # many new tokens per sequence, keys through the block tables
     decode: Callable  # one new token per sequence
     no_cache: Callable  # before the cache exists (chapter 7's warm-up): the step's own keys
+    metadata: Callable = no_metadata  # (is_prefill, context_lens, device) -> extra Context fields
+    capturable: bool = True  # its decode step can be recorded in a CUDA graph
 
 
 BACKENDS = {
-    "torch": Backend(store_kvcache_torch, torch_paged, torch_paged, torch_no_cache),
+    "torch": Backend(
+        store_kvcache_torch, torch_paged, torch_paged, torch_no_cache, capturable=False
+    ),
     "triton": Backend(store_kvcache, triton_prefill, triton_decode, triton_no_cache),
-    "flash": Backend(store_kvcache, flash_prefill, flash_decode, flash_no_cache),
+    "flash": Backend(store_kvcache, flash_prefill, flash_decode, flash_no_cache, flash_metadata),
 }
 
 

@@ -209,9 +209,23 @@ class ParallelLMHead(VocabParallelEmbedding):
         return None if logits is None else logits[:, : self.vocab_size]
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How the model's small operations run, chosen once for the whole model: fused Triton kernels
+    on a GPU (fused=True), or one PyTorch operation at a time."""
+
+    fused: bool = True
+
+    def triton(self, x: torch.Tensor) -> bool:
+        """Whether the operation on x runs as a Triton kernel: asked for, and x on a GPU."""
+        return self.fused and x.is_cuda
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, in float32 like Hugging Face; with a residual, norm(x + residual) and
     the sum (the next residual)."""
+
+    kernels = Kernels()  # the model sets its own choice (Qwen3ForCausalLM)
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -219,7 +233,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.is_cuda:  # one fused Triton kernel instead of ~8 small ones
+        if self.kernels.triton(x):  # one fused Triton kernel instead of ~8 small ones
             return rmsnorm_triton(x, self.weight, self.eps, residual)
         return self.forward_native(x, residual)
 
@@ -237,8 +251,10 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """silu(gate) * up, for x = [gate | up] along the last dim."""
 
+    kernels = Kernels()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_triton(x) if x.is_cuda else self.forward_native(x)
+        return silu_mul_triton(x) if self.kernels.triton(x) else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch: silu(gate) * up, for the two halves [gate | up] of the last dim."""
@@ -275,6 +291,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by position-dependent angles, rotate-half layout (as Qwen and Llama)."""
 
+    kernels = Kernels()
+
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
         angles = torch.outer(
@@ -287,7 +305,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [N, heads, head_dim], k: [N, kv_heads, head_dim]; returns them rotated."""
-        if q.is_cuda:
+        if self.kernels.triton(q):
             return rope_triton(positions, q, k, self.cos_sin)
         return self.forward_native(positions, q, k)
 

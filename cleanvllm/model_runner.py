@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cleanvllm.attention import BACKENDS
 from cleanvllm.config import Config, attention_shape
 from cleanvllm.context import reset_context, set_context
 from cleanvllm.layers import TPGroup
@@ -39,7 +40,8 @@ from cleanvllm.sequence import Sequence
 class StepBatch:
     """One step's inputs: per new token (input_ids, positions, slot_mapping), per sequence
     (cu_seqlens_q, context_lens, block_tables, seq_ids) and, for the sampler, each one's
-    SamplingParams, num_generated (completion tokens so far) and, if asked, tokens and logprobs."""
+    SamplingParams, num_generated (completion tokens so far) and, if asked, tokens and logprobs.
+    A decode step leaves slot_mapping and context_lens empty: the device computes them."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -56,36 +58,37 @@ class StepBatch:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.context_lens)
+        return len(self.seq_ids)
 
     @property
     def max_seqlen_q(self) -> int:
         return max(b - a for a, b in zip(self.cu_seqlens_q, self.cu_seqlens_q[1:]))
 
 
-def decode_batch(
-    seqs: list[Sequence], pos: list[int], ids: list[int], generated: list[int], block_size: int
-) -> StepBatch:
-    """One new token per sequence: token ids[i] at position pos[i] of seqs[i]. This runs for up to
-    256 sequences at every step, in Python, while the GPU waits: one list comprehension per list
-    takes about a fifth of the time of prepare_batch's loop (60 us against 270 us for 256)."""
-    slots = [
-        s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)
-    ]
-    cu, ctx = list(range(len(seqs) + 1)), [p + 1 for p in pos]
-    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
-    ids_of = [s.seq_id for s in seqs]
-    return StepBatch(False, ids, pos, slots, cu, ctx, tables, params, generated, ids_of)
+def decode_slots(
+    positions: torch.Tensor, block_tables: torch.Tensor, num_seqs: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's slot and context length, by tensor operations (so a CUDA graph can hold them):
+    row i < num_seqs writes position p = positions[i] to block_tables[i, p // block_size] *
+    block_size + p % block_size and attends to p + 1 keys; a padding row writes nowhere (-1) and
+    attends to one key. num_seqs is a one-element tensor: a graph reads it at every replay."""
+    real = torch.arange(len(positions), device=positions.device) < num_seqs
+    block = block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
+    slots = torch.where(real, block * block_size + positions % block_size, -1)
+    return slots, torch.where(real, positions + 1, 1)
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
-    """The StepBatch of the scheduled sequences: their tokens from num_cached_tokens on."""
+    """The StepBatch of the scheduled sequences: their tokens from num_cached_tokens on. A decode
+    step runs for up to 256 sequences at every step, in Python, while the GPU waits: it only gathers
+    lists, and leaves slots and context lengths to the device (decode_slots)."""
     generated = [len(s.token_ids) - s.num_prompt_tokens for s in seqs]
+    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
+    seq_ids = [s.seq_id for s in seqs]
     if not is_prefill:  # decode: each sequence's newest token, at position num_cached_tokens
         pos = [s.num_cached_tokens for s in seqs]
-        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        return decode_batch(seqs, pos, ids, generated, block_size)
-    params, tables = [s.sampling_params for s in seqs], [s.block_table for s in seqs]
+        ids, cu = [s.token_ids[p] for s, p in zip(seqs, pos)], list(range(len(seqs) + 1))
+        return StepBatch(False, ids, pos, [], cu, [], tables, params, generated, seq_ids)
     ids, pos, slots, cu, ctx = [], [], [], [0], []
     for seq in seqs:
         start = seq.num_cached_tokens
@@ -98,7 +101,6 @@ def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> St
             slots.extend(range(base + lo - b * block_size, base + hi - b * block_size))
         cu.append(cu[-1] + end - start)
         ctx.append(end)
-    seq_ids = [s.seq_id for s in seqs]
     return StepBatch(True, ids, pos, slots, cu, ctx, tables, params, generated, seq_ids)
 
 
@@ -109,50 +111,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def split(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Views of one flat buffer by name, one after the other, in the given shapes."""
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    parts = flat.split(sizes)
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
+
+
+@dataclass
+class HostTwin:
+    """One host copy of a step: its integer inputs (`flat`, numpy views by name), temperatures, and
+    the slot its sampled tokens come back to. Pinned on a GPU, so that copies do not block."""
+
+    flat: torch.Tensor
+    views: dict[str, np.ndarray]
+    temps: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def allocate(cls, shapes: dict[str, tuple[int, ...]], rows: int, pin: bool) -> "HostTwin":
+        flat = torch.zeros(sum(map(math.prod, shapes.values())), dtype=torch.int64, pin_memory=pin)
+        views = {name: v.numpy() for name, v in split(flat, shapes).items()}
+        temps = torch.zeros(rows, pin_memory=pin)
+        return cls(flat, views, temps, torch.zeros(rows, dtype=torch.int64, pin_memory=pin))
+
+
 class StepBuffers:
     """A step's inputs, allocated once: device views by name, host twins to stage them in."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, device: torch.device):
-        pin = device.type == "cuda"
-        twins = 2 if pin else 1  # on a CPU the host twin *is* the device buffer
-        total = sum(math.prod(shape) for shape in shapes.values())
-        self.flat_hosts = [
-            torch.zeros(total, dtype=torch.int64, pin_memory=pin) for _ in range(twins)
-        ]
-        self.flat = (
-            torch.zeros(total, dtype=torch.int64, device=device) if pin else self.flat_hosts[0]
-        )
-        self.temp_hosts = [torch.zeros(rows, pin_memory=pin) for _ in range(twins)]
-        self.temps = torch.zeros(rows, device=device) if pin else self.temp_hosts[0]
+        on_gpu = device.type == "cuda"
+        self.twins = [HostTwin.allocate(shapes, rows, on_gpu) for _ in range(2 if on_gpu else 1)]
+        self.turn = 0  # the twin of the step staged last
+        first = self.twins[0]  # on a CPU the host twin *is* the device buffer
+        self.flat = first.flat.to(device) if on_gpu else first.flat
+        self.temps = first.temps.to(device) if on_gpu else first.temps
         self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)  # per row
-        self.token_hosts = [torch.zeros(rows, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self.dev, self.hosts, off = {}, [{} for _ in range(twins)], 0
-        for name, shape in shapes.items():
-            size = math.prod(shape)
-            self.dev[name] = self.flat[off : off + size].view(shape)
-            for views, host in zip(self.hosts, self.flat_hosts):
-                views[name] = host.numpy()[off : off + size].reshape(shape)
-            off += size
-        self.turn = self.token_turn = 0
+        self.dev = split(self.flat, shapes)
 
-    def next_host(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The host twin to stage the next step in: its views by name, and its temperatures."""
-        self.turn = (self.turn + 1) % len(self.hosts)
-        return self.hosts[self.turn], self.temp_hosts[self.turn].numpy()
+    def next_twin(self) -> HostTwin:
+        """The host twin to stage the next step in (the other one may still be in flight)."""
+        self.turn = (self.turn + 1) % len(self.twins)
+        return self.twins[self.turn]
 
     def upload(self) -> None:
         """Queue the copy of the staged twin to the device, behind the running step."""
-        if self.flat is not self.flat_hosts[0]:
-            self.flat.copy_(self.flat_hosts[self.turn], non_blocking=True)
-            self.temps.copy_(self.temp_hosts[self.turn], non_blocking=True)
+        twin = self.twins[self.turn]
+        if self.flat is not twin.flat:
+            self.flat.copy_(twin.flat, non_blocking=True)
+            self.temps.copy_(twin.temps, non_blocking=True)
 
     def download(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Queue the copy of sampled tokens to a pinned host slot (two, in turn: the last step's may
-        be unread yet); on a CPU the tokens are on the host already."""
+        """Queue the copy of the staged step's sampled tokens into its twin; on a CPU the tokens are on
+        the host already."""
         if not tokens.is_cuda:
             return tokens
-        self.token_turn ^= 1
-        host = self.token_hosts[self.token_turn][: len(tokens)]
+        host = self.twins[self.turn].tokens[: len(tokens)]
         host.copy_(tokens, non_blocking=True)
         return host
 
@@ -163,23 +177,25 @@ class InputBatch:
     def __init__(self, rows: int, width: int):
         self.block_tables = np.zeros((rows, width), dtype=np.int64)
         self.temperatures = np.zeros(rows, dtype=np.float32)
-        self.num_blocks = [0] * rows  # columns of each row that hold its table
+        self.num_blocks = np.zeros(rows, dtype=np.int64)  # columns of each row that hold its table
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free = list(range(rows - 1, -1, -1))
 
-    def rows(self, batch: StepBatch) -> list[int]:
-        """Each sequence's row, brought up to date: only new blocks are written."""
-        rows = []
-        for seq_id, table, sp in zip(batch.seq_ids, batch.block_tables, batch.params):
-            row = self.row_of.get(seq_id)
-            if row is None or batch.is_prefill:  # new, or maybe new blocks: write it whole
-                row = self._take(seq_id, batch) if row is None else row
-                self.temperatures[row], self.num_blocks[row] = sp.temperature, 0
-            known = self.num_blocks[row]
-            if len(table) > known:  # decode: a block opened since the last step
-                self.block_tables[row, known : len(table)] = table[known:]
-                self.num_blocks[row] = len(table)
-            rows.append(row)
+    def rows(self, batch: StepBatch) -> np.ndarray:
+        """Each sequence's row, brought up to date. A new row (or any row, at prefill) is written
+        whole; otherwise only the rows whose table grew are touched: a decode step costs a lookup
+        per sequence and a few vector operations, not a Python loop over every table."""
+        get, n = self.row_of.get, len(batch.seq_ids)
+        rows = np.fromiter((get(i, -1) for i in batch.seq_ids), np.int64, n)
+        for i in range(n) if batch.is_prefill else np.flatnonzero(rows < 0):
+            row = self._take(batch.seq_ids[i], batch) if rows[i] < 0 else rows[i]
+            rows[i], self.num_blocks[row] = row, 0  # its table is written whole below
+            self.temperatures[row] = batch.params[i].temperature
+        grown = np.fromiter(map(len, batch.block_tables), np.int64, n) > self.num_blocks[rows]
+        for i in np.flatnonzero(grown):  # decode: a block opened since the last step
+            row, table = rows[i], batch.block_tables[i]
+            known, self.num_blocks[row] = self.num_blocks[row], len(table)
+            self.block_tables[row, known : len(table)] = table[known:]
         return rows
 
     def _take(self, seq_id: int, batch: StepBatch) -> int:
@@ -191,6 +207,16 @@ class InputBatch:
         row = self.free.pop()
         self.row_of[seq_id] = row
         return row
+
+
+@dataclass
+class GraphOutputs:
+    """What the decode graphs write, at fixed addresses: the hidden states and, when one rank
+    samples inside the graph, the logits and the sampled tokens (None with tensor parallelism)."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -213,9 +239,12 @@ class ModelRunner:
         if config.device == "cuda":
             torch.cuda.set_device(self.device)
         self.block_size = config.kvcache_block_size
+        self.attention = BACKENDS[config.attention_backend]  # resolved and checked by Config
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
+        self.graph_outputs: GraphOutputs | None = None
+        self.model = self.buffers = self.input_batch = self.kv_cache = None
         self.owns_group = False
         self.tp = self._join_group(dist_port)
         try:
@@ -226,9 +255,9 @@ class ModelRunner:
             if (
                 self.device.type == "cuda"
                 and not config.enforce_eager
-                and config.attention_backend != "torch"
+                and self.attention.capturable
             ):
-                self._capture_graphs()  # (PyTorch attention is not capturable)
+                self._capture_graphs()
         except BaseException:
             self.release()
             raise
@@ -262,8 +291,7 @@ class ModelRunner:
     def release(self) -> None:
         """Free the graphs, KV cache and weights now, and destroy the process group if it is ours."""
         self.graphs.clear()
-        for name in "kv_cache model buffers input_batch graph_out graph_logits graph_tokens".split():
-            self.__dict__.pop(name, None)
+        self.graph_outputs = self.buffers = self.input_batch = self.kv_cache = self.model = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
@@ -299,6 +327,7 @@ class ModelRunner:
             block_tables=(s, w),
             step_seed=(1,),  # the in-graph sampler's seed, fresh at every step
             rows=(s,),  # each sequence's row in the persistent batch
+            num_seqs=(1,),  # the real rows of a decode step padded to a graph's rows
         )
         self.buffers = StepBuffers(shapes, s, self.device)
         self.input_batch = InputBatch(s, w)
@@ -335,18 +364,21 @@ class ModelRunner:
         """Write the batch into a host twin, padded to `rows` sequences, and queue its copy. Tables
         and temperatures come from the persistent batch; a PENDING input id (chapter 8) is read on the
         device, from the token its row sampled last."""
-        (h, temps), b, n = self.buffers.next_host(), batch.num_seqs, len(batch.input_ids)
+        twin, b, n = self.buffers.next_twin(), batch.num_seqs, len(batch.input_ids)
+        h, temps = twin.views, twin.temps.numpy()
         pad = rows - b
+        if pad and batch.is_prefill:
+            raise ValueError(f"only a decode step is padded (to a CUDA graph's rows): {b} -> {rows}")
         h["input_ids"][:n] = batch.input_ids
         h["positions"][:n] = batch.positions
-        h["slot_mapping"][:n] = batch.slot_mapping
         h["cu_seqlens_q"][: b + 1] = batch.cu_seqlens_q
-        h["context_lens"][:b] = batch.context_lens
+        h["num_seqs"][0] = b
+        if batch.is_prefill:  # (a decode step's are computed on the device: _decode_slots)
+            h["slot_mapping"][:n] = batch.slot_mapping
+            h["context_lens"][:b] = batch.context_lens
         if pad:
             h["input_ids"][n : n + pad] = h["positions"][n : n + pad] = 0
-            h["slot_mapping"][n : n + pad] = -1
-            h["cu_seqlens_q"][b + 1 : rows + 1] = range(n + 1, n + pad + 1)
-            h["context_lens"][b:rows] = 1
+            h["cu_seqlens_q"][b + 1 : rows + 1] = np.arange(n + 1, n + pad + 1)
             h["block_tables"][b:rows, 0] = 0
         kept = self.input_batch.rows(batch)
         h["rows"][:b] = kept
@@ -359,27 +391,36 @@ class ModelRunner:
             ids, row = self.buffers.dev["input_ids"][:n], self.buffers.dev["rows"][:n]
             ids.copy_(torch.where(ids == PENDING, self.buffers.last_token[row], ids))
 
+    def _decode_slots(self, rows: int) -> None:
+        """A staged decode step's slots and context lengths, computed on the device from its positions
+        and block tables (inside the graph on the graph path: the host never computes them)."""
+        d, n = self.buffers.dev, rows
+        d["slot_mapping"][:n], d["context_lens"][:n] = decode_slots(
+            d["positions"][:n], d["block_tables"][:n], d["num_seqs"], self.block_size
+        )
+
     def _context(self, batch: StepBatch, rows: int, width: int | None = None) -> None:
         """Point the attention layers' Context at the device buffers: `rows` sequences (padding
         included), block tables `width` blocks wide (default: max_blocks_per_seq)."""
-        b, cu_k = self.buffers.dev, None
-        if self.config.attention_backend == "flash":  # flash-attn's varlen API wants these too
-            cu_k = torch.tensor([0, *batch.context_lens], device=self.device).cumsum(0).to(torch.int32)
+        b, prefill = self.buffers.dev, batch.is_prefill
+        extra = self.attention.metadata(prefill, batch.context_lens, self.device)  # the backend's own
         set_context(
-            is_prefill=batch.is_prefill,
+            is_prefill=prefill,
             cu_seqlens_q=b["cu_seqlens_q"][: rows + 1],
-            cu_seqlens_k=cu_k,
             max_seqlen_q=batch.max_seqlen_q,
-            max_seqlen_k=max(batch.context_lens),
+            max_seqlen_k=max(batch.context_lens) if prefill else 0,  # decode kernels read context_lens
             slot_mapping=b["slot_mapping"][: len(batch.input_ids) + rows - batch.num_seqs],
             context_lens=b["context_lens"][:rows],
             block_tables=b["block_tables"][:rows, : width or self.max_blocks_per_seq],
+            **extra,
         )
 
     def _run_eager(self, batch: StepBatch) -> torch.Tensor:
         """The model on the batch as it is; the hidden state of each sequence's last new token."""
         rows, n = batch.num_seqs, len(batch.input_ids)
         self._stage(batch, rows)
+        if not batch.is_prefill:
+            self._decode_slots(rows)  # what a graph computes inside itself
         self._context(batch, rows, max(len(t) for t in batch.block_tables))
         try:
             hidden = self.model(self.buffers.dev["input_ids"][:n], self.buffers.dev["positions"][:n])
@@ -486,12 +527,13 @@ class ModelRunner:
         else:
             self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
-            if not self.graph_samples:  # tensor parallel: logits are gathered outside the graph
-                logits = self.model.compute_logits(self.graph_out[:rows])
+            out = self.graph_outputs
+            if out.tokens is None:  # tensor parallel: logits are gathered outside the graph
+                logits = self.model.compute_logits(out.hidden[:rows])
             elif all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
-                tokens = self.graph_tokens[:rows]  # the graph has sampled them already
+                tokens = out.tokens[:rows]  # the graph has sampled them already
             else:
-                logits = self.graph_logits[:rows]
+                logits = out.logits[:rows]
         if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
             return Launched(None, None)
         if tokens is None:
@@ -521,30 +563,34 @@ class ModelRunner:
         return self.collect(self.launch(batch))
 
     def _graph_body(self, rows: int) -> None:
-        """What a decode graph records: the model, then (one rank) logits and temperature sampling."""
+        """What a decode graph records: the step's slots and context lengths, the model, then (one
+        rank) logits and temperature sampling."""
+        self._decode_slots(rows)  # inside the graph: the host never computes them
+        out = self.graph_outputs
         hidden = self.model(self.buffers.dev["input_ids"][:rows], self.buffers.dev["positions"][:rows])
-        self.graph_out[:rows] = hidden
-        if self.graph_samples:
+        out.hidden[:rows] = hidden
+        if out.tokens is not None:
             logits = self.model.compute_logits(hidden)
-            self.graph_logits[:rows] = logits
+            out.logits[:rows] = logits
             temps = self.buffers.temps[:rows]
-            if self.config.fuse_kernels:  # one pass over the logits
+            if self.model.kernels.triton(logits):  # one pass over the logits (the model's choice)
                 tokens = sample_temperature_triton(logits, temps, self.buffers.dev["step_seed"])
             else:
                 tokens = sample_temperature(logits, temps)
-            self.graph_tokens[:rows] = tokens
+            out.tokens[:rows] = tokens
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         """One decode graph per size of a ladder; all read the same buffers and share one pool."""
         c, top = self.config, min(self.config.max_num_seqs, 512)
-        hf, dtype = c.hf_config, c.torch_dtype
-        self.graph_out = torch.zeros(top, hf.hidden_size, dtype=dtype, device=self.device)
-        self.graph_samples = self.tp.size == 1
-        if self.graph_samples:
-            self.graph_logits = torch.zeros(top, hf.vocab_size, dtype=dtype, device=self.device)
-            self.graph_tokens = torch.zeros(top, dtype=torch.int64, device=self.device)
-        dummy = StepBatch(False, [0], [0], [-1], [0, 1], [1], [[0]], [SamplingParams()], [0], [-1])
+        hf, dtype, one_rank = c.hf_config, c.torch_dtype, self.tp.size == 1  # one rank samples inside
+        with torch.device(self.device):
+            self.graph_outputs = GraphOutputs(
+                torch.zeros(top, hf.hidden_size, dtype=dtype),
+                torch.zeros(top, hf.vocab_size, dtype=dtype) if one_rank else None,
+                torch.zeros(top, dtype=torch.int64) if one_rank else None,
+            )
+        dummy = StepBatch(False, [0], [0], [], [0, 1], [], [[0]], [SamplingParams()], [0], [-1])
         self.graph_sizes = sorted(x for x in {1, 2, 4, 8, *range(16, top + 1, 16), top} if x <= top)
         pool = None
         for rows in reversed(self.graph_sizes):  # largest first: the others fit in its pool

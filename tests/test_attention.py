@@ -261,3 +261,18 @@ def test_attention_layer_prefill_then_decode_matches_reference(backend):
                                         values.view(6, bs, kvh, hd), cu, ctx, tables, hd ** -0.5)
         assert rel_err(out.view(-1, heads, hd), ref) < 1e-5, f"step {step}"
         done = ctx
+
+
+def test_each_backend_says_what_the_runner_needs_to_know():
+    """The runner never names a backend: it asks for the backend's extra Context fields and whether
+    its decode can be captured. flash-attn's varlen prefill wants cu_seqlens_k, the running sum of
+    the context lengths (by hand: 0, 5, 5 + 17, 5 + 17 + 1); nothing else wants anything more."""
+    from cleanvllm.attention import BACKENDS
+
+    cpu = torch.device("cpu")
+    got = BACKENDS["flash"].metadata(True, [5, 17, 1], cpu)
+    assert list(got) == ["cu_seqlens_k"] and got["cu_seqlens_k"].tolist() == [0, 5, 22, 23]
+    assert got["cu_seqlens_k"].dtype == torch.int32  # flash-attn's index type
+    assert BACKENDS["flash"].metadata(False, [], cpu) == {}
+    assert all(BACKENDS[n].metadata(True, [5], cpu) == {} for n in ("torch", "triton"))
+    assert {n: b.capturable for n, b in BACKENDS.items()} == {"torch": False, "triton": True, "flash": True}

@@ -33,7 +33,7 @@ def test_fused_kernels_give_the_same_tokens_as_one_kernel_per_operation(tiny_mod
     outs = {}
     for fuse in (False, True):
         with LLM(tiny_model, fuse_kernels=fuse, max_model_len=1024, dtype="float32") as llm:
-            assert llm.runner.graphs and llm.runner.model.model.layers[0].self_attn.fuse == fuse
+            assert llm.runner.graphs and llm.runner.model.model.layers[0].self_attn.kernels.fused == fuse
             outs[fuse] = [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
     assert outs[True] == outs[False]
 

@@ -203,3 +203,19 @@ def test_tp_group_is_frozen_and_checked():
         TPGroup(rank=2, size=2)
     with pytest.raises(RuntimeError, match="process group"):
         TPGroup(0, 2).all_reduce(torch.ones(1))
+
+
+@pytest.mark.tasks("6.27")
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_kernel_choice_is_made_once_and_reaches_every_layer(tiny_model, fused):
+    """fuse_kernels becomes one Kernels value on the model, and every layer that has a fused path
+    (norms, SiLU, rotary, attention) reads that same value; on a CPU none of them runs Triton."""
+    from cleanvllm.layers import Kernels, RMSNorm, RotaryEmbedding, SiluAndMul
+    from cleanvllm.models.qwen3 import Qwen3Attention
+
+    model = Qwen3ForCausalLM(AutoConfig.from_pretrained(tiny_model), max_position=64, fuse_kernels=fused)
+    kinds = (RMSNorm, SiluAndMul, RotaryEmbedding, Qwen3Attention)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    assert {type(m) for m in layers} == set(kinds)
+    assert model.kernels == Kernels(fused) and all(m.kernels is model.kernels for m in layers)
+    assert not model.kernels.triton(torch.zeros(1))  # a CPU tensor: PyTorch, whatever was asked

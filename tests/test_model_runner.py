@@ -67,7 +67,7 @@ def decode(runner, prompts, params, steps, chunk=None):
     return seqs
 
 
-@pytest.mark.tasks("7.10", "7.17", "7.18", "7.19")
+@pytest.mark.tasks("7.9", "7.10", "7.17", "7.18", "7.19")
 def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf_model):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 10000, (n,), generator=g).tolist() for n in (5, 37)]
@@ -220,14 +220,18 @@ def test_step_batch_carries_what_the_sampler_needs():
     s.append_token(8)
     s.num_cached_tokens, s.num_scheduled_tokens = 4, 1
     b = prepare_batch([s], False, BS)
-    assert b.num_generated == [2] and b.positions == [4] and b.input_ids == [8] and b.slot_mapping == [68]
+    assert b.num_generated == [2] and b.positions == [4] and b.input_ids == [8]
+    assert b.slot_mapping == b.context_lens == []  # a decode step's are computed on the device
 
 
 @pytest.mark.tasks("7.9", "7.10")
 def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
-    """prepare_batch's decode lists against the general (prefill) path and the slot formula by
-    hand, for positions on both sides of block boundaries and scattered block tables."""
+    """prepare_batch's decode lists, and decode_slots' slots and context lengths on a padded step,
+    against the general (prefill) path and the slot formula by hand, for positions on both sides
+    of block boundaries and scattered block tables."""
     import random
+
+    from cleanvllm.model_runner import decode_slots
 
     rng, seqs = random.Random(3), []
     for n in [1, 2, BS - 1, BS, BS + 1, 2 * BS, 2 * BS + 1, 37, 100]:
@@ -239,14 +243,19 @@ def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
         seqs.append(s)
     dec, general = prepare_batch(seqs, False, BS), prepare_batch(seqs, True, BS)
     assert not dec.is_prefill and general.is_prefill
-    for field in ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens",
-                  "block_tables", "params", "num_generated"]:
+    for field in ["input_ids", "positions", "cu_seqlens_q", "block_tables", "params", "num_generated"]:
         assert getattr(dec, field) == getattr(general, field), field
-    by_hand = [s.block_table[(len(s) - 1) // BS] * BS + (len(s) - 1) % BS for s in seqs]
-    assert dec.slot_mapping == by_hand
-    assert dec.input_ids == [s.token_ids[-1] for s in seqs] and dec.context_lens == [len(s) for s in seqs]
+    assert dec.input_ids == [s.token_ids[-1] for s in seqs] and dec.num_seqs == len(seqs)
     assert dec.cu_seqlens_q == list(range(len(seqs) + 1)) and dec.max_seqlen_q == 1
     assert dec.num_generated == [len(s) - s.num_prompt_tokens for s in seqs]
+    pad, width = 3, max(len(s.block_table) for s in seqs)
+    tables = torch.full((len(seqs) + pad, width), 7)  # padding rows: stale blocks, position 0
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = torch.tensor(s.block_table)
+    slots, ctx = decode_slots(torch.tensor(dec.positions + [0] * pad), tables, torch.tensor([len(seqs)]), BS)
+    by_hand = [s.block_table[(len(s) - 1) // BS] * BS + (len(s) - 1) % BS for s in seqs]
+    assert slots.tolist() == by_hand + [-1] * pad and by_hand == general.slot_mapping
+    assert ctx.tolist() == [len(s) for s in seqs] + [1] * pad == general.context_lens + [1] * pad
 
 
 @pytest.mark.tasks("7.17")

@@ -12,6 +12,7 @@ from cleanvllm.attention import Attention
 from cleanvllm.config import attention_shape
 from cleanvllm.context import get_context
 from cleanvllm.layers import (
+    Kernels,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -49,11 +50,10 @@ class Qwen3Attention(nn.Module):
     """Self-attention on this rank's heads: packed q/k/v projection, per-head q/k RMSNorm (Qwen3
     only), rotary embedding, paged attention (chapter 5), output projection with its all-reduce."""
 
-    def __init__(
-        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
-    ):
+    kernels = Kernels()  # fused: on a GPU, q/k norm + rotary + KV store in one kernel (step 8)
+
+    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
         super().__init__()
-        self.fuse = fuse  # on a GPU, q/k norm + rotary + KV store in one kernel (step 8)
         heads, kv_heads, self.head_dim = attention_shape(hf)  # of the whole model
         self.num_heads = divide(heads, tp.size, "attention heads")
         self.num_kv_heads = divide(kv_heads, tp.size, "key/value heads")
@@ -76,7 +76,7 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions: [N]; hidden: [N, hidden_size], the N tokens of the step (all sequences)."""
         qkv, ctx = self.qkv_proj(hidden), get_context()
-        if self.fuse and qkv.is_cuda and self.attn.has_cache(ctx):
+        if self.kernels.triton(qkv) and self.attn.has_cache(ctx):
             norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
             a = self.attn
             q = qk_norm_rope_store(
@@ -111,11 +111,9 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     """norm -> attention -> add -> norm -> MLP -> add, the adds fused into the next norm."""
 
-    def __init__(
-        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
-    ):
+    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
         super().__init__()
-        self.self_attn = Qwen3Attention(hf, max_position, backend, tp, fuse)
+        self.self_attn = Qwen3Attention(hf, max_position, backend, tp)
         self.mlp = Qwen3MLP(hf, tp)
         self.input_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
@@ -135,14 +133,11 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     """Embedding, decoder layers, final norm: token ids -> last hidden states."""
 
-    def __init__(
-        self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup(), fuse=True
-    ):
+    def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, tp)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(hf, max_position, backend, tp, fuse)
-            for _ in range(hf.num_hidden_layers)
+            Qwen3DecoderLayer(hf, max_position, backend, tp) for _ in range(hf.num_hidden_layers)
         )
         self.norm = RMSNorm(hf.hidden_size, hf.rms_norm_eps)
 
@@ -161,8 +156,9 @@ class Qwen3ForCausalLM(nn.Module):
     `attention_bias`), per-head q/k norm (Qwen3), rope scaling (Llama 3), tied embeddings.
 
     tp: this process's place in the tensor-parallel group; the model never asks torch.distributed.
-    fuse_kernels: on a GPU, use the fused q/k-norm + rotary + KV-store kernel (False: one kernel
-    per operation, as chapter 9 compares).
+    fuse_kernels: on a GPU, run the fused Triton kernels (norms, SiLU, rotary, and q/k-norm +
+    rotary + KV store in one); False: one PyTorch operation at a time, as chapter 9 compares. The
+    choice is made here once, as a Kernels value that every layer reads.
     """
 
     packed_modules_mapping = PACKED_MODULES  # used by the loader
@@ -178,11 +174,15 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.tp = tp
         max_position = max_position or hf.max_position_embeddings
-        self.model = Qwen3Model(hf, max_position, attention_backend, tp, fuse_kernels)
+        self.model = Qwen3Model(hf, max_position, attention_backend, tp)
         self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, tp)
         self.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.kernels = Kernels(fuse_kernels)  # the one place the choice is made
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding, Qwen3Attention)):
+                module.kernels = self.kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
