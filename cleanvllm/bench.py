@@ -67,6 +67,13 @@ def step_bytes(weights: int, kv_per_token: int, context_lens: list[int]) -> int:
     return weights + kv_per_token * sum(context_lens)
 
 
+def decode_step_flops(shape: dict, batch: int, context_len: int, params: int) -> int:
+    """FLOPs of one decode step of `batch` sequences of `context_len` tokens: 2 per weight per
+    sequence (`params` weights), plus attention's 4 per query head, head dimension and cached token."""
+    attention = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"]
+    return batch * (2 * params + attention * context_len)
+
+
 def decode_floor_tokens_per_s(
     batch: int, context_len: int, weights: int, kv_per_token: int, bandwidth: float
 ) -> float:
@@ -125,6 +132,17 @@ def decode_floor_seconds(
     return total
 
 
+def copy_rate(nbytes: int, times: list[float]) -> float:
+    """Bytes/s of copies of `nbytes` bytes that took `times` seconds: each copy reads and writes
+    them; the first two copies are left out (they pay for page faults); the median of the rest."""
+    if len(times) < 3:
+        raise ValueError(
+            f"need at least 3 timed copies (the first 2 are warm-up), got {len(times)}"
+        )
+    warm = sorted(times[2:])
+    return 2 * nbytes / warm[len(warm) // 2]
+
+
 def measure_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, repeats: int = 12) -> float:
     """Copy rate of `device` memory in bytes/s, counting bytes read plus bytes written (median)."""
     src = torch.randn(nbytes // 4, device=device)
@@ -138,8 +156,7 @@ def measure_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, repeats: int 
         sync()
         times.append(time.perf_counter() - t)
     del src, dst
-    warm = sorted(times[2:])  # the first copies pay for page faults
-    return 2 * nbytes / warm[len(warm) // 2]
+    return copy_rate(nbytes, times)
 
 
 def time_generate(llm, prompts, params) -> dict:

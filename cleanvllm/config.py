@@ -102,7 +102,8 @@ def check_settings(c) -> None:
 
 def check_tensor_parallel(tp: int, hf_config) -> None:
     heads, kv_heads, _ = attention_shape(hf_config)
-    if heads % tp or kv_heads % tp:
+    splits = heads % tp == 0 and kv_heads % tp == 0
+    if not splits:
         refuse(
             "tensor_parallel_size",
             tp,

@@ -65,6 +65,14 @@ def bench_prompts(
     return [ids[i * stride + shift : i * stride + shift + m] for i, m in enumerate(lengths)]
 
 
+def first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
+    """(prompt, token) of the first token id where two batches of outputs differ; None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i, next((t for t, (u, w) in enumerate(zip(x, y)) if u != w), min(len(x), len(y)))
+    return None if len(a) == len(b) else (min(len(a), len(b)), 0)
+
+
 def hf_generate(
     model, prompts: list[list[int]], max_tokens: int, pad_id: int = 0
 ) -> list[list[int]]:
@@ -81,28 +89,31 @@ def hf_generate(
     return out[:, width:].tolist()
 
 
-def engine_generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """The engine on the same prompts: greedy, exactly max_tokens new tokens each."""
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-
-
-def first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
-    """(prompt, token) of the first token id where two batches of outputs differ; None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i, next((t for t, (u, w) in enumerate(zip(x, y)) if u != w), min(len(x), len(y)))
-    return None if len(a) == len(b) else (min(len(a), len(b)), 0)
+def kv_blocks(sequences: int, max_model_len: int, block_size: int = 16) -> int:
+    """KV blocks that hold `sequences` sequences of max_model_len tokens, each on its own blocks."""
+    return sequences * -(-max_model_len // block_size)
 
 
 def load_both(model: str, batch: int = 8, max_model_len: int = 264) -> tuple:
     """(tokenizer, transformers model, engine), both float32 on the CPU; the engine's KV cache holds
     `batch` sequences of max_model_len tokens."""
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    blocks = batch * -(-max_model_len // 16)  # blocks of 16 tokens
     llm = LLM(model, device="cpu", dtype="float32", max_model_len=max_model_len,
-              kvcache_block_size=16, num_kvcache_blocks=blocks)  # fmt: skip
+              kvcache_block_size=16, num_kvcache_blocks=kv_blocks(batch, max_model_len))  # fmt: skip
     return AutoTokenizer.from_pretrained(model), hf, llm
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """One user question through the model's chat template, ready for the answer, as token ids."""
+    chat = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def engine_generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The engine on the same prompts: greedy, exactly max_tokens new tokens each."""
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
 def vs_transformers(

@@ -91,7 +91,8 @@ def check_stopping(p) -> tuple[list[str], list[int]]:
         reject("stop_token_ids", ids, "must be a list of token ids (integers >= 0)")
     if len(set(ids)) > MAX_STOP_TOKEN_IDS:
         reject("stop_token_ids", ids, f"at most {MAX_STOP_TOKEN_IDS} distinct token ids")
-    return stop, list(dict.fromkeys(ids))  # duplicates dropped, order kept
+    unique_ids = list(dict.fromkeys(ids))
+    return stop, unique_ids
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: alternatives per token a request may ask for
@@ -161,10 +162,6 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
 
-    def __setattr__(self, name, value):
-        object.__setattr__(self, name, value)
-        self.__dict__.pop("_simple", None)  # a field changed: `simple` is worked out again
-
     @property
     def greedy(self) -> bool:
         """Argmax sampling: temperature 0, or so small that logits / temperature would overflow."""
@@ -184,3 +181,7 @@ class SamplingParams:
             simple = not (filters or self.penalized or self.logit_bias or self.logprobs is not None)
             self.__dict__["_simple"] = simple  # past __setattr__, which would drop it again
         return simple
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_simple", None)  # a field changed: `simple` is worked out again

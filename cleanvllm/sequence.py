@@ -9,9 +9,9 @@ from cleanvllm.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
+    WAITING = auto()  # no blocks yet, or preempted (its blocks were taken back)
+    RUNNING = auto()  # holds blocks; the current steps compute its tokens
+    FINISHED = auto()  # stopped: EOS, a stop condition, max_tokens, or aborted
 
 
 class Sequence:
@@ -52,10 +52,6 @@ class Sequence:
         )
 
     @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
-    @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
 
@@ -69,6 +65,10 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
 
     @property
     def num_blocks(self) -> int:

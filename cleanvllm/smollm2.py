@@ -73,10 +73,9 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def llama_config(reader) -> dict:
     """A Hugging Face LlamaForCausalLM config.json from a GGUF file's metadata."""
     meta = lambda key: reader.fields[key].contents()  # noqa: E731
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
+    fixed = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, torch_dtype="bfloat16")  # fmt: skip
+    from_gguf = {
         "vocab_size": int(meta("llama.vocab_size")),
         "hidden_size": int(meta("llama.embedding_length")),
         "intermediate_size": int(meta("llama.feed_forward_length")),
@@ -89,10 +88,8 @@ def llama_config(reader) -> dict:
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
         "bos_token_id": int(meta("tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(meta("tokenizer.ggml.eos_token_id")),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "bfloat16",
     }
+    return fixed | from_gguf
 
 
 def hf_tensors(reader, config: dict) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ def test_standard_workload_is_nano_vllms_draw_for_draw():
     assert all(p.temperature == 0.6 and p.ignore_eos for p in params)
 
 
-@pytest.mark.tasks('9.3', '9.5')
+@pytest.mark.tasks('9.3', '9.6')
 def test_floor_by_hand():
     # one sequence of 10 tokens decoding 2: weights 100 B, KV 1 B/token, 1 B/s
     assert decode_floor_seconds([10], [2], 100, 1, 1.0, 8) == (100 + 10) + (100 + 11)
@@ -54,7 +54,7 @@ def test_floor_by_hand():
     assert step_bytes(1000, 3, [4, 5]) == 1000 + 27
 
 
-@pytest.mark.tasks("9.4", "9.3")
+@pytest.mark.tasks("9.5", "9.3")
 def test_floor_tokens_per_s_by_hand():
     from cleanvllm.bench import decode_floor_tokens_per_s
 
@@ -80,7 +80,7 @@ def test_weight_and_kv_bytes_match_the_checkpoint_and_the_model_card(tiny_model)
     assert kv_bytes_per_token(QWEN3_0_6B) == 2 * 28 * 8 * 128 * 2
 
 
-@pytest.mark.tasks('9.6', '9.5', '9.1')
+@pytest.mark.tasks('9.10', '9.6', '9.1')
 def test_bench_runs_small_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "r.json"
     res = main(["--model", tiny_model, "--num-seqs", "4", "--max-input", "120", "--max-output", "110",
@@ -98,7 +98,7 @@ def test_bench_runs_small_on_cpu(tiny_model, tmp_path):
     assert saved["floor"]["seconds"] == pytest.approx(floor, rel=1e-9)
 
 
-@pytest.mark.tasks('9.6', '9.5')
+@pytest.mark.tasks('9.10', '9.9', '9.8', '9.6')
 def test_sweep_counts_decode_steps_and_sets_each_beside_its_floor(tiny_model, tmp_path, capsys):
     out = tmp_path / "s.json"
     res = main(["--sweep", "--model", tiny_model, "--batch-sizes", "1,3", "--prompt-len", "8",
@@ -131,6 +131,7 @@ def test_sweep_refuses_a_batch_larger_than_max_num_seqs(tiny_model):
         run_sweep(tiny_model, [1, 8], 8, 4, **dict(TINY_ENGINE, max_num_seqs=4))
 
 
+@pytest.mark.tasks('9.8')
 def test_runner_timer_times_each_runner_call_and_gives_the_method_back(tiny_model):
     from cleanvllm.bench import runner_timer, timed_decode
     from cleanvllm.engine import LLM
@@ -185,6 +186,7 @@ KINDS_BY_HAND = {  # names as torch's profiler prints them (H100 kernels, CPU op
 
 
 @pytest.mark.parametrize("name", KINDS_BY_HAND)
+@pytest.mark.tasks('9.11')
 def test_kernel_kind_of_names_by_hand(name):
     from cleanvllm.bench import KERNEL_KINDS, kernel_kind
 
@@ -192,6 +194,7 @@ def test_kernel_kind_of_names_by_hand(name):
     assert set(KERNEL_KINDS) == {"GEMM", "attention", "norm/rotary/store", "sampler"}
 
 
+@pytest.mark.tasks('9.12', '9.13')
 def test_split_steps_and_step_stats_by_hand():
     from cleanvllm.bench import split_steps, step_stats, step_timeline
 
@@ -244,7 +247,7 @@ def test_profiled_ops_keeps_gpu_kernels_and_outermost_cpu_operators():
     assert [(o["name"], o["start_us"], o["dur_us"]) for o in cpu] == [("aten::linear", 10, 20), ("aten::mul", 40, 5)]
 
 
-@pytest.mark.tasks('9.6', '9.3')
+@pytest.mark.tasks('9.10', '9.3')
 def test_profile_json_on_cpu(tiny_model, tmp_path, capsys):
     out = tmp_path / "p.json"
     main(["--profile", "--model", tiny_model, "--batch-sizes", "1,2", "--prompt-len", "8", "--steps", "2",
@@ -310,3 +313,25 @@ def test_about_names_this_checkout(monkeypatch):
     age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(got["date"])
     assert abs(age.total_seconds()) < 60
     assert got["torch"] == torch.__version__ and got["device"].startswith("cpu")
+
+
+@pytest.mark.tasks("9.7")
+def test_copy_rate_by_hand():
+    from cleanvllm.bench import copy_rate
+
+    # 4 bytes read and 4 written per copy; warm copies of 2, 4 and 8 s: the median is 4 s
+    assert copy_rate(4, [100.0, 100.0, 8.0, 2.0, 4.0]) == 2 * 4 / 4.0
+    with pytest.raises(ValueError, match="3 timed copies"):
+        copy_rate(4, [1.0, 1.0])
+
+
+@pytest.mark.tasks("9.4")
+def test_decode_step_flops_by_hand():
+    from cleanvllm.bench import decode_step_flops
+
+    # Qwen3-0.6B, batch 1, nothing cached: 2 FLOPs per weight, and in bf16 2 bytes per weight
+    params = weight_bytes(QWEN3_0_6B, dtype_bytes=1)
+    assert decode_step_flops(QWEN3_0_6B, 1, 0, params) == 2 * params
+    # each cached token adds a dot product with its key and a weighted sum of its value per head
+    one_token = decode_step_flops(QWEN3_0_6B, 3, 1, 0)
+    assert one_token == 3 * 4 * 28 * 16 * 128

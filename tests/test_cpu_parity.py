@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cleanvllm.attention import gather_index, paged_attention_torch
-from cleanvllm.demo import bench_prompts, engine_generate, first_difference, hf_generate, vs_transformers
+from cleanvllm.demo import (bench_prompts, chat_ids, engine_generate, first_difference, hf_generate, kv_blocks,
+                            load_both, vs_transformers)
 from cleanvllm.engine import LLM
 from cleanvllm.reference import reference_paged_attention
 from conftest import rel_err
@@ -57,7 +58,7 @@ def test_torch_attention_ignores_nan_in_every_row_outside_the_sequences(q_lens, 
 
 # --- chapter 10: the pieces of the race, each against something independent ---
 
-@pytest.mark.tasks('10.5')
+@pytest.mark.tasks('10.6')
 def test_first_difference_by_hand():
     assert first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == (1, 1)
@@ -65,7 +66,7 @@ def test_first_difference_by_hand():
     assert first_difference([[1]], [[1], [2]]) == (1, 0)
 
 
-@pytest.mark.tasks('10.4')
+@pytest.mark.tasks('10.5')
 def test_bench_prompts_lengths_and_no_shared_block_between_runs(tiny_model):
     from transformers import AutoTokenizer
 
@@ -81,7 +82,7 @@ def test_bench_prompts_lengths_and_no_shared_block_between_runs(tiny_model):
         bench_prompts(tok, n=8, longest=10**6)
 
 
-@pytest.mark.tasks('10.5')
+@pytest.mark.tasks('10.6')
 def test_vs_transformers_refuses_outputs_that_differ(tiny_model):
     """The race is void unless both sides produced the same tokens: a disagreeing engine must fail it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,7 +95,7 @@ def test_vs_transformers_refuses_outputs_that_differ(tiny_model):
         vs_transformers(tok, hf, wrong, batch=2, max_tokens=3, runs=1, shortest=4, longest=8)
 
 
-@pytest.mark.tasks('10.4', '10.5')
+@pytest.mark.tasks('10.5', '10.6', '10.7', '10.10')
 def test_vs_transformers_on_the_tiny_model_reports_what_it_timed(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,6 +111,7 @@ def test_vs_transformers_on_the_tiny_model_reports_what_it_timed(tiny_model):
 
 
 @needs_smollm2
+@pytest.mark.tasks('10.7', '10.9', '10.10')
 def test_hf_generate_pads_correctly_and_runs_past_the_end_of_sequence():
     """hf_generate's batch (left padding, a mask, eos off) equals transformers run on each prompt
     alone without padding; and like the engine with ignore_eos it goes on past an end-of-sequence
@@ -121,8 +123,7 @@ def test_hf_generate_pads_correctly_and_runs_past_the_end_of_sequence():
     path = str(smollm2_dir())
     tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    question = tok.encode(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    question = chat_ids(tok, "What is the capital of France?")
     prompts = [question, tok.encode("def fibonacci(n):")]
     batch = hf_generate(hf, prompts, 24)
     for p, out in zip(prompts, batch):
@@ -133,3 +134,38 @@ def test_hf_generate_pads_correctly_and_runs_past_the_end_of_sequence():
     assert eos in batch[0][:-1] and len(batch[0]) == 24, "expected an end of sequence, then more tokens"
     with LLM(path, device="cpu", kvcache_block_size=16, num_kvcache_blocks=8, max_model_len=64) as llm:
         assert engine_generate(llm, prompts, 24) == batch
+
+
+@pytest.mark.tasks('10.7')
+def test_hf_generate_pads_on_the_left_and_masks_the_padding():
+    seen = {}
+
+    def generate(ids, attention_mask, max_new_tokens, **kw):
+        seen.update(ids=ids.tolist(), mask=attention_mask.tolist())
+        return torch.cat([ids, torch.zeros(len(ids), max_new_tokens, dtype=ids.dtype)], 1)
+
+    model = SimpleNamespace(device="cpu", generate=generate)
+    assert hf_generate(model, [[4], [1, 2, 3]], 2, pad_id=9) == [[0, 0], [0, 0]]
+    assert seen == dict(ids=[[9, 9, 4], [1, 2, 3]], mask=[[0, 0, 1], [1, 1, 1]])
+
+
+@pytest.mark.tasks('10.8')
+def test_load_both_sizes_the_cache_for_the_batch(tiny_model):
+    assert [kv_blocks(1, 1), kv_blocks(2, 16), kv_blocks(2, 17), kv_blocks(4, 264)] == [1, 2, 4, 68]
+    _, _, llm = load_both(tiny_model, batch=3, max_model_len=40)
+    with llm:
+        assert llm.runner.num_kvcache_blocks == 3 * 3  # 40 tokens need 3 blocks of 16
+
+
+@pytest.mark.tasks('10.9')
+def test_chat_ids_is_the_template_as_ids(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "user", "content": "Hi there"}]
+    ids = chat_ids(tok, "Hi there")
+    text = tok.decode(ids)
+    assert "Hi there" in text and text != "Hi there"
+    # transformers' own tokenized template: the independent judge
+    want = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)

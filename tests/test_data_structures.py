@@ -27,6 +27,7 @@ def field_value(field, value) -> str:
     ("top_p", 1.01), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("seed", 1.5), ("stop", [""]),
     ("stop_token_ids", [-1]),
 ])
+@pytest.mark.tasks('2.12', '2.9')
 def test_sampling_params_rejects(field, value):
     with pytest.raises(ValueError, match=field_value(field, value)):
         SamplingParams(**{field: value})
@@ -34,6 +35,7 @@ def test_sampling_params_rejects(field, value):
 
 # issue 13 item 6: inf/NaN temperatures are refused; tiny ones are kept but greedy
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.tasks('2.9', '2.7')
 def test_temperature_must_be_finite(value):
     with pytest.raises(ValueError, match=r"SamplingParams\.temperature="):
         SamplingParams(temperature=value)
@@ -41,6 +43,7 @@ def test_temperature_must_be_finite(value):
 
 @pytest.mark.parametrize("t,greedy", [(0, True), (0.0, True), (1e-38, True), (5e-324, True),
                                       (0.99e-5, True), (1e-5, False), (1e-3, False), (1, False)])
+@pytest.mark.tasks('2.13')
 def test_temperatures_below_epsilon_are_greedy(t, greedy):
     assert GREEDY_EPSILON == 1e-5  # the sampler (chapter 7) draws the same line
     sp = SamplingParams(temperature=t)
@@ -53,6 +56,7 @@ def test_temperatures_below_epsilon_are_greedy(t, greedy):
 
 # issue 13 item 7: seeds outside [0, 2**63) or not ints are refused at validation
 @pytest.mark.parametrize("seed", [2**64, 2**63, -1, True, False, 1.0, "7"])
+@pytest.mark.tasks('2.6')
 def test_bad_seeds_are_refused(seed):
     with pytest.raises(ValueError, match=field_value("seed", seed)):
         SamplingParams(seed=seed)
@@ -65,6 +69,7 @@ def test_good_seeds_are_kept_and_torch_takes_them(seed):
 
 
 # issue 13 item 8: stop strings as vLLM, ValueErrors naming the field, no booleans for ints
+@pytest.mark.tasks('2.8', '2.10', '2.12')
 def test_stop_as_vllm():
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
@@ -79,11 +84,13 @@ def test_stop_as_vllm():
     ("stop_token_ids", [True]), ("temperature", True), ("top_p", True), ("min_p", False),
     ("ignore_eos", "no"), ("ignore_eos", 1),
 ])
+@pytest.mark.tasks('2.6', '2.7', '2.8')
 def test_wrong_types_are_value_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field_value(field, value)):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.tasks('2.7', '2.15')
 def test_ints_where_floats_are_meant_are_accepted():
     sp = SamplingParams(temperature=1, top_p=1, min_p=0)
     assert (sp.temperature, sp.top_p, sp.min_p) == (1, 1, 0) and sp.simple and not sp.greedy
@@ -99,7 +106,7 @@ def test_sampling_params_normalises_stop():
     assert sp.stop == ["\n"] and SamplingParams().stop == [] and SamplingParams(temperature=0).greedy
 
 
-@pytest.mark.tasks("2.1", "2.2")
+@pytest.mark.tasks("2.1", "2.2", "2.3", "2.4", "2.5")
 def test_sequence_blocks_and_split():
     s = Sequence([1, 2, 3, 4, 5], block_size=2)
     assert s.status == SequenceStatus.WAITING and s.num_blocks == 3 and s.block(2) == [5]
@@ -112,6 +119,7 @@ def test_sequence_blocks_and_split():
         Sequence([])
 
 
+@pytest.mark.tasks('2.1')
 def test_sequence_copies_its_inputs():
     sp, toks = SamplingParams(max_tokens=3), [1, 2]
     s = Sequence(toks, sp)
@@ -133,6 +141,7 @@ def test_sequence_has_no_dead_properties():
     ("max_num_seqs", True), ("kvcache_block_size", 16.0), ("gpu_memory_utilization", True),
     ("cpu_kvcache_bytes", 0),
 ])
+@pytest.mark.tasks('2.19', '2.22', '2.24')
 def test_config_rejects(tiny_model, field, value):
     with pytest.raises(ValueError, match=rf"Config\.{field}={value!r}"):
         Config(tiny_model, **{field: value})
@@ -149,6 +158,7 @@ def test_config_bool_settings_refuse_non_bools(tiny_model, value):
 
 
 # issue 13 item 12: max_model_len beyond the model's maximum is refused, naming both numbers
+@pytest.mark.tasks('2.20')
 def test_max_model_len_beyond_the_model_is_refused(tiny_model):
     limit = json.loads(open(f"{tiny_model}/config.json").read())["max_position_embeddings"]
     assert Config(tiny_model, max_model_len=limit).max_model_len == limit
@@ -157,7 +167,7 @@ def test_max_model_len_beyond_the_model_is_refused(tiny_model):
     assert Config(tiny_model).max_model_len == min(4096, limit)  # the default
 
 
-@pytest.mark.tasks("2.4")
+@pytest.mark.tasks("2.20", "2.24")
 def test_max_model_len_default_follows_a_small_model(tiny_model):
     from transformers import AutoConfig
 
@@ -166,6 +176,7 @@ def test_max_model_len_default_follows_a_small_model(tiny_model):
     assert Config(tiny_model, hf_config=hf).max_model_len == 1000
 
 
+@pytest.mark.tasks('2.22', '2.23', '2.24')
 def test_config_backend_block_size_rules(tiny_model):
     with pytest.raises(ValueError, match="flash and triton need device='cuda'"):
         Config(tiny_model, device="cpu", attention_backend="triton")
@@ -209,6 +220,7 @@ def test_corrupt_json_names_the_file(model_copy, name, text):
     (["tokenizer.json"], True),  # slow tokenizer files suffice
     (["tokenizer_config.json", "vocab.json", "merges.txt"], True),  # tokenizer.json suffices
 ])
+@pytest.mark.tasks('2.17')
 def test_checkpoint_without_tokenizer_is_refused(model_copy, remove, ok):
     for f in remove:
         (model_copy / f).unlink()
@@ -223,7 +235,7 @@ def test_checkpoint_without_tokenizer_is_refused(model_copy, remove, ok):
 
 
 # issue 12 item 7 / contract 1: the attention shape is derived in one place
-@pytest.mark.tasks("2.3")
+@pytest.mark.tasks("2.18")
 def test_attention_shape_matches_the_weights(tiny_model):
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -235,7 +247,7 @@ def test_attention_shape_matches_the_weights(tiny_model):
     assert attention_shape(AutoConfig.from_pretrained(tiny_model)) == (q // d, k // d, d) == (4, 2, 32)
 
 
-@pytest.mark.tasks("2.3")
+@pytest.mark.tasks("2.18")
 def test_attention_shape_fallbacks():
     from transformers import LlamaConfig, Qwen2Config
 
@@ -248,7 +260,7 @@ def test_attention_shape_fallbacks():
     assert attention_shape(qwen2) == (14, 2, 64)
 
 
-@pytest.mark.tasks("2.5", "2.6")
+@pytest.mark.tasks("2.25", "2.26")
 def test_context_round_trip():
     set_context(is_prefill=True, max_seqlen_q=7)
     assert get_context().is_prefill and get_context().max_seqlen_q == 7
@@ -256,7 +268,7 @@ def test_context_round_trip():
     assert not get_context().is_prefill and get_context().slot_mapping is None
 
 
-@pytest.mark.tasks("2.5", "2.6")
+@pytest.mark.tasks("2.25", "2.26")
 def test_each_thread_has_its_own_context():
     """Issue 21 item 3: two engines stepping in two threads must never read each other's batch."""
     import threading
@@ -281,3 +293,49 @@ def test_each_thread_has_its_own_context():
     other.join(10)
     assert seen["other"] == 0 and get_context().max_seqlen_q == 3, seen
     reset_context()
+
+
+@pytest.mark.tasks("2.11", "2.12")
+def test_logit_bias_keys_written_as_digits_become_token_ids():
+    assert SamplingParams(logit_bias={"42": 5, 7: -1}).logit_bias == {42: 5.0, 7: -1.0}
+    for key in ["-1", "4x", "\u0664", ""]:  # not ASCII digits: refused as not a token id
+        with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias=.*is not a token id"):
+            SamplingParams(logit_bias={key: 1.0})
+
+
+@pytest.mark.tasks("2.10")
+def test_stop_token_ids_keep_the_first_of_each_in_order():
+    assert SamplingParams(stop_token_ids=[9, 2, 9, 4, 2]).stop_token_ids == [9, 2, 4]
+
+
+@pytest.mark.tasks("2.15", "2.16", "2.14")
+def test_simple_follows_every_field_change():
+    sp = SamplingParams(temperature=0.5)
+    assert sp.simple
+    for field, value in [("top_k", 3), ("top_p", 0.5), ("min_p", 0.1), ("seed", 1), ("logprobs", 0),
+                         ("presence_penalty", 0.1), ("logit_bias", {1: 1.0})]:
+        old = getattr(sp, field)
+        setattr(sp, field, value)
+        assert not sp.simple, f"{field}={value!r} is not temperature-only sampling"
+        setattr(sp, field, old)
+        assert sp.simple, f"{field} set back to {old!r}"
+
+
+@pytest.mark.tasks("2.19")
+def test_tensor_parallel_must_split_the_key_value_heads_too(tiny_model):
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(tiny_model)  # 4 query heads, 2 key/value heads
+    assert Config(tiny_model, hf_config=hf, tensor_parallel_size=2).tensor_parallel_size == 2
+    with pytest.raises(ValueError, match=r"Config\.tensor_parallel_size=4 .*2 key/value heads"):
+        Config(tiny_model, hf_config=hf, tensor_parallel_size=4)
+
+
+@pytest.mark.tasks("2.21", "2.22")
+def test_default_device_and_dtype_by_hand():
+    from cleanvllm.config import pick_device, pick_dtype
+
+    assert pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = SimpleNamespace(torch_dtype=torch.float16)
+    assert (pick_dtype(None, "cuda", ckpt), pick_dtype(None, "cpu", ckpt)) == ("float16", "float32")
+    assert pick_dtype(None, "cuda", SimpleNamespace()) == "bfloat16"

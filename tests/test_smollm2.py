@@ -71,7 +71,24 @@ def test_names_and_rotary_unpermutation_match_llama_cpp():
     assert hf_name("output_norm.weight") == "model.norm.weight"
 
 
-@pytest.mark.tasks("10.3", "10.2", "10.1")
+@pytest.mark.tasks("10.3")
+def test_llama_config_agrees_with_transformers_reading_of_the_gguf():
+    import gguf
+    from transformers import AutoConfig
+
+    from cleanvllm.smollm2 import gguf_path, llama_config
+
+    ours = llama_config(gguf.GGUFReader(str(gguf_path())))
+    theirs = AutoConfig.from_pretrained(str(gguf_path().parent), gguf_file=gguf_path().name)
+    rope = getattr(theirs, "rope_theta", None) or theirs.rope_parameters["rope_theta"]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id"):
+        assert ours[key] == getattr(theirs, key), key
+    assert ours["rope_theta"] == rope
+
+
+@pytest.mark.tasks("10.4", "10.3", "10.2", "10.1")
 def test_hf_tensors_of_layer_0_permute_back_to_the_gguf_file():
     """hf_tensors on layer 0 of the real file: names as Hugging Face's, bf16, and llama.cpp's own
     permutation of the q/k rows gives back the GGUF's (dequantized, rounded to bf16) rows."""
@@ -114,3 +131,4 @@ def test_greedy_chat_matches_transformers(smollm2):
         ref = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
         assert o.outputs[0].token_ids == ref.tolist()
     assert "paris" in outs[0].outputs[0].text.lower()
+
