@@ -366,6 +366,7 @@ class LLMEngine:
         return req.seq.request_id
 
     def _enqueue(self, req: _Request) -> str:
+        """Record the request, then hand its sequence to the scheduler; return its id."""
         rid, sp = req.seq.request_id, req.seq.sampling_params
         self.requests[rid] = req  # first: an interrupt after this line loses nothing
         if sp.penalized or sp.logprobs is not None:
