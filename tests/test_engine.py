@@ -261,3 +261,18 @@ def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, h
         assert (out.outputs[0].text, out.outputs[0].token_ids, out.outputs[0].finish_reason) == (st.outputs[0].text, st.outputs[0].token_ids, st.outputs[0].finish_reason)
     assert outs[0].outputs[0].text == fulls[0] and outs[2].outputs[0].text == fulls[2]  # by the tokenizer, at once
     assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text == fulls[1][: fulls[1].find(stop)]
+
+
+@pytest.mark.tasks("8.20")
+def test_generate_leaves_the_outputs_of_earlier_requests_to_step(llm, hf_model):
+    """generate() consumes only its own outputs: a request added before it, which finishes during
+    the call, is still reported by the next step()."""
+    p = prompts([6], seed=11)[0]
+    rid = llm.add_request(p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    mine = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate(prompts([4], seed=12), mine, use_tqdm=False)
+    done = []
+    while llm.has_unfinished_requests():
+        done += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in done] == [rid], "generate() swallowed an earlier request's output"
+    assert done[0].outputs[0].token_ids == hf_greedy(hf_model, p, 3)
