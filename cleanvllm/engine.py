@@ -163,32 +163,6 @@ class OutputProcessor:
             req.text += text[len(seen) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
 
-    def update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
-        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
-        seq, sp = req.seq, req.seq.sampling_params
-        if quiet and not sp.stop and not seq.is_finished:
-            return None  # the common case in generate(): nothing to decode until the end
-        self._detokenize(req)
-        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
-            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
-            req.scanned = len(req.text)
-            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
-                req.stop_at = hit
-                req.stop_reason = next(s for s in sp.stop if req.text.startswith(s, hit))
-                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
-        if seq.is_finished:
-            if req.stop_at is None:
-                self._detokenize(req, final=True)
-            text = self.final_text(req)
-        elif quiet:
-            return None
-        else:
-            held = (
-                req.stops.hold[req.stop_state] if sp.stop and not sp.include_stop_str_in_output else 0
-            )
-            text = req.text[: len(req.text) - held]
-        return self.output(req, text)
-
     def output(self, req: _Request, text: str) -> RequestOutput:
         """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
         seq = req.seq
@@ -230,6 +204,32 @@ class OutputProcessor:
         return self.tokenizer.decode(
             seq.completion_token_ids[:-1], skip_special_tokens=sp.skip_special_tokens
         )
+
+    def update(self, req: _Request, quiet: bool = False) -> RequestOutput | None:
+        """Take in req's new token: text, stop strings, output (None for a quiet running request)."""
+        seq, sp = req.seq, req.seq.sampling_params
+        if quiet and not sp.stop and not seq.is_finished:
+            return None  # the common case in generate(): nothing to decode until the end
+        self._detokenize(req)
+        if sp.stop and req.stop_at is None:  # only the new characters go through the automaton
+            req.stop_state, hit = req.stops.feed(req.stop_state, req.text, req.scanned)
+            req.scanned = len(req.text)
+            if hit is not None and seq.num_completion_tokens >= sp.min_tokens:
+                req.stop_at = hit
+                req.stop_reason = next(s for s in sp.stop if req.text.startswith(s, hit))
+                self.scheduler.finish(seq, "stop")  # also when EOS or max_tokens ended it meanwhile
+        if seq.is_finished:
+            if req.stop_at is None:
+                self._detokenize(req, final=True)
+            text = self.final_text(req)
+        elif quiet:
+            return None
+        else:
+            held = (
+                req.stops.hold[req.stop_state] if sp.stop and not sp.include_stop_str_in_output else 0
+            )
+            text = req.text[: len(req.text) - held]
+        return self.output(req, text)
 
 
 class LLMEngine:
@@ -366,6 +366,7 @@ class LLMEngine:
         return req.seq.request_id
 
     def _enqueue(self, req: _Request) -> str:
+        """Record the request, then hand its sequence to the scheduler; return its id."""
         rid, sp = req.seq.request_id, req.seq.sampling_params
         self.requests[rid] = req  # first: an interrupt after this line loses nothing
         if sp.penalized or sp.logprobs is not None:
@@ -382,6 +383,7 @@ class LLMEngine:
         self._command("abort", request_id)
 
     def _abort(self, request_id: str) -> None:
+        """End a request now and forget it; an unknown or finished id changes nothing."""
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
@@ -394,39 +396,6 @@ class LLMEngine:
         """True while some request has not been reported finished by step() (queued ones included)."""
         self._check_open()
         return bool(self.requests or self.unreported or self._inbox)
-
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return an output for every request that got a token (finished ones too)."""
-        with self.owned():  # one thread at a time
-            return self._step(quiet=frozenset())
-
-    def _step(self, quiet: frozenset | dict) -> list[RequestOutput]:
-        self._check_open()
-        self._take_inbox()  # adds and aborts from other threads, applied between steps
-        outputs, self.unreported = self.unreported, {}
-        try:
-            with _sigint_deferred():
-                run = self._step_overlapped if self.overlap else self._step_sync
-                self.last_step = run(outputs, quiet)
-        except BaseException:
-            self.unreported = {**outputs, **self.unreported}
-            self._recover()
-            raise
-        return list(outputs.values())
-
-    def _step_sync(self, outputs: dict, quiet) -> StepStats:
-        """The article's loop: schedule, run the model (on every rank), record the tokens."""
-        if self.scheduler.is_finished():
-            return StepStats(False, 0, 0)
-        seqs, is_prefill = self.scheduler.schedule()
-        batch = self._prepare(seqs, is_prefill)
-        token_ids, logprobs = self._execute(batch)
-        lengths = [len(seq.token_ids) for seq in seqs]
-        self.scheduler.postprocess(seqs, token_ids)
-        got = [s for s, n in zip(seqs, lengths) if len(s.token_ids) > n]
-        self._take_logprobs(seqs, got, token_ids, logprobs)
-        self._report(got, outputs, quiet)
-        return StepStats(is_prefill, len(batch.input_ids), len(seqs))
 
     def _report(self, seqs: list[Sequence], outputs: dict, quiet) -> None:
         """Outputs for the sequences that got a token; a finished request is reported, then forgotten.
@@ -461,6 +430,57 @@ class LLMEngine:
             raise
         self.workers.busy = False
         return token_ids, launched.logprobs
+
+    def _needs_tokens(self) -> bool:
+        """Whether a live request has a penalty or logprobs (finished ones dropped first)."""
+        if self._extras:
+            self._extras = {r: sp for r, sp in self._extras.items() if r in self.requests}
+        return any(sp.penalized for sp in self._extras.values())
+
+    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
+        """The step's batch, with what only some requests need: tokens (penalties), logprobs."""
+        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
+        if is_prefill:  # a request's first step: the prefix-cache hits it had
+            for s in seqs:
+                if (req := self.requests.get(s.request_id)) and req.num_cached_tokens is None:
+                    req.num_cached_tokens = s.num_cached_tokens
+        if self._needs_tokens():
+            batch.token_ids = [s.token_ids for s in seqs]
+        ks = [sp.logprobs for sp in self._extras.values() if sp.logprobs is not None]
+        batch.num_logprobs = max(ks) if ks else None
+        return batch
+
+    def _take_logprobs(self, seqs: list[Sequence], got: list[Sequence], token_ids, logprobs) -> None:
+        """Record the logprobs of the new tokens of the requests that asked (rows as in seqs)."""
+        if logprobs is None:
+            return
+        top_ids, top, own, rank = (t.tolist() for t in logprobs)
+        got = {id(s) for s in got}
+        for i, seq in enumerate(seqs):
+            req, k = self.requests.get(seq.request_id), seq.sampling_params.logprobs
+            if req is None or k is None or id(seq) not in got:
+                continue
+            ids = [token_ids[i], *top_ids[i][:k]]
+            text = self.tokenizer.batch_decode([[t] for t in ids])
+            entry = {ids[0]: Logprob(own[i], rank[i], text[0])}
+            for j in range(k):  # the sampled token keeps its entry if it is among the top k
+                entry.setdefault(ids[j + 1], Logprob(top[i][j], j + 1, text[j + 1]))
+            req.logprobs.append(entry)
+            req.cumulative_logprob += own[i]
+
+    def _step_sync(self, outputs: dict, quiet) -> StepStats:
+        """The article's loop: schedule, run the model (on every rank), record the tokens."""
+        if self.scheduler.is_finished():
+            return StepStats(False, 0, 0)
+        seqs, is_prefill = self.scheduler.schedule()
+        batch = self._prepare(seqs, is_prefill)
+        token_ids, logprobs = self._execute(batch)
+        lengths = [len(seq.token_ids) for seq in seqs]
+        self.scheduler.postprocess(seqs, token_ids)
+        got = [s for s, n in zip(seqs, lengths) if len(s.token_ids) > n]
+        self._take_logprobs(seqs, got, token_ids, logprobs)
+        self._report(got, outputs, quiet)
+        return StepStats(is_prefill, len(batch.input_ids), len(seqs))
 
     def _launch(self) -> None:
         """Schedule a step and launch it behind those in flight (it reads their PENDING tokens on the
@@ -504,43 +524,6 @@ class LLMEngine:
             self._count(self.in_flight[0])
         return stats
 
-    def _needs_tokens(self) -> bool:
-        """Whether a live request has a penalty or logprobs (finished ones dropped first)."""
-        if self._extras:
-            self._extras = {r: sp for r, sp in self._extras.items() if r in self.requests}
-        return any(sp.penalized for sp in self._extras.values())
-
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """The step's batch, with what only some requests need: tokens (penalties), logprobs."""
-        batch = prepare_batch(seqs, is_prefill, self.config.kvcache_block_size)
-        if is_prefill:  # a request's first step: the prefix-cache hits it had
-            for s in seqs:
-                if (req := self.requests.get(s.request_id)) and req.num_cached_tokens is None:
-                    req.num_cached_tokens = s.num_cached_tokens
-        if self._needs_tokens():
-            batch.token_ids = [s.token_ids for s in seqs]
-        ks = [sp.logprobs for sp in self._extras.values() if sp.logprobs is not None]
-        batch.num_logprobs = max(ks) if ks else None
-        return batch
-
-    def _take_logprobs(self, seqs: list[Sequence], got: list[Sequence], token_ids, logprobs) -> None:
-        """Record the logprobs of the new tokens of the requests that asked (rows as in seqs)."""
-        if logprobs is None:
-            return
-        top_ids, top, own, rank = (t.tolist() for t in logprobs)
-        got = {id(s) for s in got}
-        for i, seq in enumerate(seqs):
-            req, k = self.requests.get(seq.request_id), seq.sampling_params.logprobs
-            if req is None or k is None or id(seq) not in got:
-                continue
-            ids = [token_ids[i], *top_ids[i][:k]]
-            text = self.tokenizer.batch_decode([[t] for t in ids])
-            entry = {ids[0]: Logprob(own[i], rank[i], text[0])}
-            for j in range(k):  # the sampled token keeps its entry if it is among the top k
-                entry.setdefault(ids[j + 1], Logprob(top[i][j], j + 1, text[j + 1]))
-            req.logprobs.append(entry)
-            req.cumulative_logprob += own[i]
-
     def _recover(self) -> None:
         """Repair the state after a step was cut short, so that no request is lost or corrupt."""
         try:
@@ -563,6 +546,25 @@ class LLMEngine:
                 self.unreported[rid] = self.outputs.update(req)
                 del self.requests[rid]
 
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return an output for every request that got a token (finished ones too)."""
+        with self.owned():  # one thread at a time
+            return self._step(quiet=frozenset())
+
+    def _step(self, quiet: frozenset | dict) -> list[RequestOutput]:
+        self._check_open()
+        self._take_inbox()  # adds and aborts from other threads, applied between steps
+        outputs, self.unreported = self.unreported, {}
+        try:
+            with _sigint_deferred():
+                run = self._step_overlapped if self.overlap else self._step_sync
+                self.last_step = run(outputs, quiet)
+        except BaseException:
+            self.unreported = {**outputs, **self.unreported}
+            self._recover()
+            raise
+        return list(outputs.values())
+
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order. Every request is checked first."""
         with self.owned():  # one thread at a time
@@ -570,6 +572,7 @@ class LLMEngine:
             return self._generate(reqs, use_tqdm)
 
     def _generate(self, reqs: list[_Request], use_tqdm: bool) -> list[RequestOutput]:
+        """Add the requests, step until each is finished, return their outputs in input order."""
         mine = {req.seq.request_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)

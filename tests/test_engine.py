@@ -16,6 +16,7 @@ def llm(tiny_model):
         yield engine
 
 
+@pytest.mark.tasks("8.15", "8.19", "8.24")
 def test_greedy_matches_transformers(llm, hf_model):
     ps = prompts([1, 5, 17, 33, 64, 100])
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
@@ -25,6 +26,7 @@ def test_greedy_matches_transformers(llm, hf_model):
     assert llm.scheduler.block_manager.num_free_blocks == llm.runner.num_kvcache_blocks
 
 
+@pytest.mark.tasks("8.13", "8.15", "8.19")
 def test_prefix_cache_hits_keep_outputs(llm, hf_model):
     shared = prompts([48])[0]  # three full blocks of 16
     ps = [shared + tail for tail in prompts([5, 20, 1], seed=1)] + [shared]
@@ -46,6 +48,7 @@ def test_prefix_cache_hits_keep_outputs(llm, hf_model):
         assert outs[str(s.seq_id)].outputs[0].token_ids == hf_greedy(hf_model, p, 32)
 
 
+@pytest.mark.tasks("8.15", "8.19", "8.24")
 def test_preemption_and_chunking_keep_outputs(tiny_model, hf_model):
     ps = prompts([30, 70, 12, 90, 45, 60, 8, 100])
     with LLM(tiny_model, device="cpu", kvcache_block_size=16, max_model_len=160, num_kvcache_blocks=12,
@@ -57,6 +60,7 @@ def test_preemption_and_chunking_keep_outputs(tiny_model, hf_model):
         assert o.outputs[0].token_ids == hf_greedy(hf_model, p, 32)
 
 
+@pytest.mark.tasks("8.24")
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     p = prompts([10])[0]
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
@@ -69,6 +73,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     assert other_seed != alone
 
 
+@pytest.mark.tasks("8.10", "8.17", "8.19")
 def test_stop_token_ids_and_min_tokens(llm, hf_model):
     p = prompts([12], seed=3)[0]
     ref = hf_greedy(hf_model, p, 32)
@@ -89,6 +94,7 @@ def test_stop_token_ids_and_min_tokens(llm, hf_model):
         assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 32
 
 
+@pytest.mark.tasks("8.7", "8.8", "8.10", "8.11")
 def test_stop_strings_end_text_before_the_stop(llm, hf_model):
     p = prompts([9], seed=4)[0]
     ref = hf_greedy(hf_model, p, 32)
@@ -101,6 +107,7 @@ def test_stop_strings_end_text_before_the_stop(llm, hf_model):
     assert out.outputs[0].token_ids == ref[: len(out.outputs[0].token_ids)] and len(out.outputs[0].token_ids) < 32
 
 
+@pytest.mark.tasks("8.2", "8.23", "8.25")
 def test_string_prompts_and_chat(llm):
     outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=4), use_tqdm=False)
     assert [o.prompt for o in outs] == ["Hello", "The capital of France is"]
@@ -122,6 +129,7 @@ def _stream(llm, requests):
     return ids, seen
 
 
+@pytest.mark.tasks("8.6", "8.12", "8.15", "8.19", "8.22")
 def test_step_reports_every_token_once_and_finishes_once(tiny_model, hf_model):
     ps = prompts([40, 3, 25], seed=7)
     lens = [5, 9, 2]
@@ -150,6 +158,7 @@ def hf_model_tokenizer_decode(model_dir, ids):
     return AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.tasks("8.15", "8.19", "8.22")
 def test_last_step_stats(llm):
     ps = prompts([11, 6], seed=8)
     for p in ps:
@@ -162,6 +171,7 @@ def test_last_step_stats(llm):
     assert stats == [(True, 17, 2), (False, 2, 2), (False, 2, 2)]
 
 
+@pytest.mark.tasks("8.6")
 def test_incremental_text_never_splits_a_character(llm):
     from cleanvllm.engine import _Request
     from cleanvllm.sequence import Sequence
@@ -179,6 +189,7 @@ def test_incremental_text_never_splits_a_character(llm):
     assert all(text.startswith(s) and not s.endswith("\ufffd") for s in shown)
 
 
+@pytest.mark.tasks("8.7", "8.11")
 def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
     p = prompts([9], seed=4)[0]
     ref = hf_greedy(hf_model, p, 32)
@@ -192,6 +203,7 @@ def test_streamed_text_never_shows_what_a_stop_string_takes_back(llm, hf_model):
     assert all(final.outputs[0].text.startswith(o.outputs[0].text) for o in outs)  # nothing shown is taken back
 
 
+@pytest.mark.tasks("8.7", "8.8")
 def test_stop_matcher_is_right_and_its_cost_per_character_ignores_the_stop_set():
     """The engine thread runs the stop-string automaton on every new character of a request with
     stop strings; its cost must not grow with the number or length of the stop strings (issue 21)."""
@@ -231,6 +243,7 @@ def test_stop_matcher_is_right_and_its_cost_per_character_ignores_the_stop_set()
     assert big < 10 * small, f"128 stops of 64 chars cost {big / small:.1f}x one stop string"
 
 
+@pytest.mark.tasks("8.10", "8.11", "8.24")
 def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, hf_model):
     """generate() skips the text of its own running requests until they finish (quiet); the final
     text must still be what step() streams, and a full decode of the tokens when nothing stops it."""
@@ -248,3 +261,18 @@ def test_generate_text_is_the_streamed_text_with_and_without_stop_strings(llm, h
         assert (out.outputs[0].text, out.outputs[0].token_ids, out.outputs[0].finish_reason) == (st.outputs[0].text, st.outputs[0].token_ids, st.outputs[0].finish_reason)
     assert outs[0].outputs[0].text == fulls[0] and outs[2].outputs[0].text == fulls[2]  # by the tokenizer, at once
     assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text == fulls[1][: fulls[1].find(stop)]
+
+
+@pytest.mark.tasks("8.24")
+def test_generate_leaves_the_outputs_of_earlier_requests_to_step(llm, hf_model):
+    """generate() consumes only its own outputs: a request added before it, which finishes during
+    the call, is still reported by the next step()."""
+    p = prompts([6], seed=11)[0]
+    rid = llm.add_request(p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    mine = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate(prompts([4], seed=12), mine, use_tqdm=False)
+    done = []
+    while llm.has_unfinished_requests():
+        done += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in done] == [rid], "generate() swallowed an earlier request's output"
+    assert done[0].outputs[0].token_ids == hf_greedy(hf_model, p, 3)

@@ -34,6 +34,7 @@ def ref_logprobs(hf64, prompt: list[int], completion: list[int]) -> torch.Tensor
     return torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
 
 
+@pytest.mark.tasks("8.9", "8.24")
 def test_the_usual_vllm_line_works(llm):
     outs = llm.generate(["Hello", [5, 6, 7]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert all(isinstance(o, RequestOutput) and isinstance(o.outputs[0], CompletionOutput) for o in outs)
@@ -47,6 +48,7 @@ def test_the_usual_vllm_line_works(llm):
     assert m.arrival_time <= m.first_token_time <= m.finished_time and m.num_preemptions == 0
 
 
+@pytest.mark.tasks("8.4", "8.5", "8.22")
 def test_add_request_returns_a_string_id_that_step_and_abort_use(llm):
     rid = llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     assert isinstance(rid, str) and rid in llm.requests
@@ -58,6 +60,7 @@ def test_add_request_returns_a_string_id_that_step_and_abort_use(llm):
         llm.abort_request(int(rid))
 
 
+@pytest.mark.tasks("8.13", "8.14")
 def test_logprobs_are_transformers_float64_log_softmax_of_the_raw_logits(llm, hf64):
     ps = prompts([6, 11], seed=21)
     # temperature, a penalty and a bias change the draw, never the logprobs (raw model output)
@@ -82,6 +85,7 @@ def test_logprobs_are_transformers_float64_log_softmax_of_the_raw_logits(llm, hf
         assert abs(c.cumulative_logprob - want) < 1e-3
 
 
+@pytest.mark.tasks("8.13", "8.14")
 def test_logprobs_zero_gives_the_sampled_token_only(llm, hf64):
     p = prompts([9], seed=2)[0]
     c = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0),
@@ -109,6 +113,7 @@ def penalized_greedy(hf64, prompt: list[int], sp: SamplingParams, n: int) -> lis
     return out
 
 
+@pytest.mark.tasks("8.13", "8.19")
 def test_penalties_and_bias_through_the_engine_match_a_hand_loop(llm, hf64, hf_model):
     ps = prompts([5, 9, 4], seed=8)
     favourite = hf_greedy(hf_model, ps[2], 1)[0]
@@ -127,6 +132,7 @@ def test_penalties_and_bias_through_the_engine_match_a_hand_loop(llm, hf64, hf_m
     assert outs[0].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the penalty changed something
 
 
+@pytest.mark.tasks("8.9", "8.10", "8.11")
 def test_stop_reason_and_include_stop_str_in_output(llm, hf_model):
     p = prompts([12], seed=3)[0]
     ref = hf_greedy(hf_model, p, 24)
@@ -152,6 +158,7 @@ def test_stop_reason_and_include_stop_str_in_output(llm, hf_model):
     assert (c.finish_reason, c.stop_reason) == ("length", None)
 
 
+@pytest.mark.tasks("8.6", "8.10")
 def test_skip_special_tokens(llm):
     eos = llm.config.eos_token_ids[0]
     assert eos in llm.tokenizer.all_special_ids
@@ -163,6 +170,7 @@ def test_skip_special_tokens(llm):
     assert kept[0].outputs[0].text == special * 3 and skipped[0].outputs[0].text == ""
 
 
+@pytest.mark.tasks("8.9", "8.13")
 def test_num_cached_tokens_counts_prefix_cache_hits(llm):
     p = prompts([40], seed=30)[0]
     sp = SamplingParams(temperature=0, max_tokens=2)
@@ -171,6 +179,7 @@ def test_num_cached_tokens_counts_prefix_cache_hits(llm):
     assert first.num_cached_tokens == 0 and again.num_cached_tokens == 32  # two full blocks of 16
 
 
+@pytest.mark.tasks("8.2", "8.23")
 @pytest.mark.parametrize("kw,match", [
     (dict(stop_token_ids=[10**6]), "stop_token_ids.*1000000"),
     (dict(logit_bias={10**6: 1.0}), "logit_bias.*1000000"),

@@ -28,6 +28,7 @@ def llm(tiny_model):
 
 # ---- finding 1: stop strings cost the same per token whatever the stop set ----------------------
 
+@pytest.mark.tasks("8.2")
 def test_an_oversized_stop_set_is_refused():
     """10,000 stop strings of 2,000 characters (a 20 MB request) used to be accepted and cost every
     user 3.2 s per token; chapter 2's limits refuse it, naming the field and the limit."""
@@ -56,6 +57,7 @@ def _step_times(llm, heavy: SamplingParams, n: int) -> list[float]:
     return times[2:]  # the decode steps
 
 
+@pytest.mark.tasks("8.7", "8.8", "8.11")
 def test_a_request_at_the_stop_limit_does_not_slow_another_stream(llm):
     """Another user's stream with and without a request carrying the largest allowed stop set (128
     stop strings, 8,192 characters, none of which matches): the median step time may grow by 20 % at
@@ -77,6 +79,7 @@ def test_a_request_at_the_stop_limit_does_not_slow_another_stream(llm):
 
 # ---- finding 3: two single-rank engines in two threads -----------------------------------------
 
+@pytest.mark.tasks("8.3")
 def test_two_engines_in_two_threads_equal_each_alone(tiny_model, hf_model):
     """The attention context was process-global: two engines stepping at once in two threads read
     each other's batch (wrong tokens, or a crash deep in attention). Each now equals transformers."""
@@ -109,6 +112,7 @@ def test_two_engines_in_two_threads_equal_each_alone(tiny_model, hf_model):
 
 # ---- finding 4: the thread rules -----------------------------------------------------------------
 
+@pytest.mark.tasks("8.3", "8.4", "8.5")
 def test_abort_and_add_from_another_thread_while_steps_run(llm, hf_model):
     """abort_request from another thread during step() used to make step() raise IndexError in
     hash_blocks. Adds and aborts from another thread now wait for a step boundary: no step fails,
@@ -155,6 +159,7 @@ def test_abort_and_add_from_another_thread_while_steps_run(llm, hf_model):
     assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
 
 
+@pytest.mark.tasks("8.3")
 def test_a_second_thread_running_the_engine_is_refused_by_name(llm, hf_model):
     """Two threads calling generate on one engine used to crash and leave unreported outputs. The
     second is refused at once, naming the thread that runs the engine; the first is exact."""
@@ -175,6 +180,7 @@ def test_a_second_thread_running_the_engine_is_refused_by_name(llm, hf_model):
     assert not llm.has_unfinished_requests() and llm.step() == []
 
 
+@pytest.mark.tasks("8.5", "8.24")
 def test_an_abort_from_another_thread_ends_a_generate_call_with_abort(llm):
     """An abort of a request that a generate() call waits for ends it ("abort") instead of leaving
     generate waiting forever; the other request of the call runs to its end."""
@@ -203,6 +209,7 @@ def test_an_abort_from_another_thread_ends_a_generate_call_with_abort(llm):
 
 # ---- finding 7: text that is not text -------------------------------------------------------------
 
+@pytest.mark.tasks("8.2")
 @pytest.mark.parametrize("prompt", ["\ud800", "ok \udfff then", {"prompt": "a\ud83d"}])
 def test_a_lone_surrogate_is_a_value_error_naming_the_prompt(llm, prompt):
     with pytest.raises(ValueError, match=r"prompt 1 is not valid Unicode text: character \d+"):
@@ -212,6 +219,7 @@ def test_a_lone_surrogate_is_a_value_error_naming_the_prompt(llm, prompt):
 
 # ---- finding 8: a closed engine refuses every call ------------------------------------------------
 
+@pytest.mark.tasks("8.3")
 def test_a_closed_engine_refuses_every_call(tiny_model):
     engine = LLM(tiny_model, **KW)
     rid = engine.add_request([1, 2, 3], GREEDY)
@@ -259,6 +267,7 @@ def _a_fault_is_named(engine, fault, match: str, within: float) -> None:
         engine.close()
 
 
+@pytest.mark.tasks("8.26")
 def test_a_stopped_tensor_parallel_worker_is_named_within_seconds(tiny_model):
     """A worker that is alive but stopped (SIGSTOP) used to hold rank 0 in gloo for 120 s and end in
     gloo's raw timeout. The watchdog names it within 10 s and the engine closes."""
@@ -267,6 +276,7 @@ def test_a_stopped_tensor_parallel_worker_is_named_within_seconds(tiny_model):
                       r"worker rank 1 failed: it was stopped", within=10)
 
 
+@pytest.mark.tasks("8.26", "8.27")
 def test_a_tensor_parallel_worker_in_an_endless_loop_is_named_within_seconds(tiny_model, monkeypatch):
     """A worker that is alive and running but never reaches the next collective (an endless loop)
     used to hold rank 0 for gloo's 120 s: the watchdog sees it use a CPU while rank 0's stepping
