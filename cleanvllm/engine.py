@@ -6,6 +6,7 @@ chat(). With tensor_parallel_size=N, ranks 1..N-1 run in worker processes.
 """
 
 import json
+import re
 import signal
 import threading
 import time
@@ -654,22 +655,227 @@ def _sigint_deferred():
 
 
 class LLM(LLMEngine):
-    """The engine with vLLM's front-door name, plus chat()."""
+    """The engine under vLLM's front-door name: vLLM's settings (translated where they mean
+    something here, refused with the reason where not), get_tokenizer() and chat()."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        seed: int | None = None,
+        trust_remote_code: bool = False,
+        enable_prefix_caching: bool | None = None,
+        block_size: int | None = None,
+        **kwargs,
+    ):
+        check_local(model, "model")
+        check_front_door(model, tokenizer, seed, trust_remote_code, enable_prefix_caching)
+        settings = engine_settings(kwargs, block_size)
+        try:
+            LLMEngine.__init__(self, model, **settings)
+        except ValueError as e:  # Config names kvcache_block_size; the caller wrote block_size
+            if block_size is not None and "kvcache_block_size" in str(e):
+                raise ValueError(f"{e} (block_size is kvcache_block_size here)") from None
+            raise
+        if seed is not None:  # unseeded requests draw from torch's generator (chapter 7)
+            torch.manual_seed(seed)
+
+    def get_tokenizer(self):
+        """The Hugging Face tokenizer that encodes the prompts and decodes the outputs (vLLM's)."""
+        return self.tokenizer
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params=None,
-        enable_thinking: bool | None = None,
         use_tqdm: bool = True,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        enable_thinking: bool | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation (a list of messages) or to several."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        prompts = [
-            self.tokenizer.apply_chat_template(
-                m, tokenize=False, add_generation_prompt=True, **extra
+        """Replies to one conversation (a list of messages) or to several, as vLLM's chat(): each is
+        rendered by the chat template, then generated from its token ids. enable_thinking=x is
+        chat_template_kwargs={"enable_thinking": x} (Qwen3's switch)."""
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                f"chat_template_content_format={chat_template_content_format!r}: "
+                "must be 'auto', 'string' or 'openai'"
             )
-            for m in convs
-        ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        form = "openai" if chat_template_content_format == "openai" else "string"
+        options = template_options(
+            add_generation_prompt, continue_final_message, chat_template_kwargs, enable_thinking
+        )
+        with self.owned():  # one thread at a time, as generate()
+            texts = [
+                self._render(conv, f"conversation {i}", form, chat_template, tools, options)
+                for i, conv in enumerate(conversations(messages))
+            ]
+            # the template wrote the special tokens already: the tokenizer must not add a BOS again
+            ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            reqs = self.inputs.requests([{"prompt_token_ids": p} for p in ids], sampling_params)
+            for req, text in zip(reqs, texts):
+                req.prompt = text  # the output's prompt: the rendered conversation
+            return self._generate(reqs, use_tqdm)
+
+    def _render(self, conv, where: str, form: str, chat_template, tools, options: dict) -> str:
+        """One conversation rendered as text by the chat template."""
+        conv = [message_text(m, f"{where}, message {j}", form) for j, m in enumerate(conv)]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conv, chat_template=chat_template, tools=tools, tokenize=False, **options
+            )
+        except Exception as e:  # a Jinja error, no template, no final message to continue, ...
+            raise ValueError(f"{where}: the chat template cannot render it: {e}") from e
+        return check_text(text, where)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name", vLLM's usual model argument
+
+
+def check_local(path, what: str) -> None:
+    """Refuse a Hugging Face hub id: this engine never downloads (models are local directories)."""
+    text = str(path)
+    if not Path(text).exists() and HUB_ID.fullmatch(text):
+        raise ValueError(
+            f"{what} {text!r} looks like a Hugging Face hub id, but cleanvllm loads models from "
+            "local directories only and never downloads. On a machine with internet run "
+            f"`huggingface-cli download {text} --local-dir ~/models/{text.split('/')[1]}` "
+            "(`hf download` in newer huggingface_hub), copy that directory here and pass its "
+            "path, or set CLEANVLLM_MODEL to it for the course's chapters and demos"
+        )
+
+
+LLM_SETTINGS = ("tokenizer", "seed", "trust_remote_code", "enable_prefix_caching", "block_size")
+
+
+def check_front_door(model, tokenizer, seed, trust_remote_code, enable_prefix_caching) -> None:
+    """The settings LLM takes beyond the engine's: each checked, refused with its reason."""
+    if tokenizer is not None:
+        check_local(tokenizer, "tokenizer")
+        if not Path(tokenizer).is_dir():
+            raise FileNotFoundError(f"tokenizer path {str(tokenizer)!r} is not a directory")
+        if Path(tokenizer).resolve() != Path(model).resolve():
+            raise ValueError(
+                f"LLM(tokenizer={str(tokenizer)!r}) is not supported: the engine loads the "
+                f"tokenizer from the model directory {str(model)!r}; copy the tokenizer files "
+                "(tokenizer.json, tokenizer_config.json, ...) there, or leave tokenizer unset"
+            )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"LLM(seed={seed!r}) is invalid: must be None or an integer")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ValueError(f"LLM(seed={seed!r}) is invalid: must be in [0, 2**63)")
+    if not isinstance(trust_remote_code, bool):
+        raise ValueError(f"LLM(trust_remote_code={trust_remote_code!r}): must be True or False")
+    if enable_prefix_caching is not None and not isinstance(enable_prefix_caching, bool):
+        raise ValueError(
+            f"LLM(enable_prefix_caching={enable_prefix_caching!r}): must be True or False"
+        )
+    if enable_prefix_caching is False:
+        raise ValueError(
+            "LLM(enable_prefix_caching=False) is not supported: prefix caching is always on "
+            "here (the block manager shares every full block of a prefix it has seen); leave "
+            "enable_prefix_caching unset or True"
+        )
+
+
+def engine_settings(kwargs: dict, block_size) -> dict:
+    """The engine's settings from vLLM's names: block_size and dtype="auto" translated; an
+    unknown name refused with the list of the names we take."""
+    allowed = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        names = sorted(allowed | set(LLM_SETTINGS))
+        raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {names}")
+    settings = dict(kwargs)
+    if block_size is not None:
+        if "kvcache_block_size" in settings:
+            raise ValueError(
+                "block_size and kvcache_block_size are one setting (vLLM's name and ours): "
+                "give only one of them"
+            )
+        settings["kvcache_block_size"] = block_size
+    if settings.get("dtype") == "auto":
+        settings["dtype"] = None  # the checkpoint's dtype on a GPU, float32 on a CPU
+    return settings
+
+
+TEXT_PARTS = ("text", "input_text", "output_text")  # the part types that carry plain text
+
+
+def conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or several, as a list of conversations."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of messages or of conversations")
+    convs = [messages] if isinstance(messages[0], dict) else list(messages)
+    for i, conv in enumerate(convs):
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"conversation {i} must be a non-empty list of message dicts")
+        for j, m in enumerate(conv):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(
+                    f"conversation {i}, message {j} must be a dict with a 'role' string, "
+                    f"got {m!r:.60}"
+                )
+    return convs
+
+
+def message_text(m: dict, where: str, form: str) -> dict:
+    """The message with content given as a list of parts turned into text (form "string") or
+    into text parts only (form "openai"); a part that is not text is refused, its type named."""
+    if not isinstance(m.get("content"), list):
+        return m
+    texts = []
+    for k, part in enumerate(m["content"]):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(part, str):
+            texts.append(part)
+        elif kind not in TEXT_PARTS:
+            raise ValueError(
+                f"{where}, content part {k}: a part of type {kind!r} is not supported; this "
+                "engine runs text-only models: use {'type': 'text', 'text': '...'} parts"
+            )
+        elif not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}, content part {k}: its 'text' must be a string")
+        else:
+            texts.append(part["text"])
+    content = "\n".join(texts) if form == "string" else [{"type": "text", "text": t} for t in texts]
+    return {**m, "content": content}
+
+
+# apply_chat_template's own arguments: not template variables, so not chat_template_kwargs
+OWN_ARGUMENTS = {"chat_template", "add_generation_prompt", "continue_final_message", "tools"}
+RENDERING = {"conversation", "tokenize", "return_dict", "return_tensors", "padding",
+             "truncation", "max_length", "return_assistant_tokens_mask", "tokenizer_kwargs"}  # fmt: skip
+
+
+def template_options(add_generation_prompt, continue_final_message, kwargs, enable_thinking):
+    """The keyword arguments of apply_chat_template, each checked."""
+    for name, v in [("add_generation_prompt", add_generation_prompt),
+                    ("continue_final_message", continue_final_message)]:  # fmt: skip
+        if not isinstance(v, bool):
+            raise ValueError(f"chat({name}={v!r}): must be True or False")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "chat(continue_final_message=True) continues the last message, while "
+            "add_generation_prompt=True starts a new assistant message: pass "
+            "add_generation_prompt=False with it (vLLM refuses both at once too)"
+        )
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"chat_template_kwargs must be a dict, got {type(kwargs).__name__}")
+    kwargs = dict(kwargs or {})
+    if clash := sorted(set(kwargs) & (OWN_ARGUMENTS | RENDERING)):
+        raise ValueError(
+            f"chat_template_kwargs may not hold {clash}: they are not template variables "
+            f"({sorted(OWN_ARGUMENTS)} are chat()'s own arguments; chat() renders text itself)"
+        )
+    if enable_thinking is not None:
+        if kwargs.get("enable_thinking", enable_thinking) != enable_thinking:
+            raise ValueError("enable_thinking and chat_template_kwargs['enable_thinking'] differ")
+        kwargs["enable_thinking"] = enable_thinking
+    return dict(add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **kwargs)  # fmt: skip
