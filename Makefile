@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "from cleanvllm.smollm2 import smollm2_dir; from cleanvllm.tiny import tiny_model_dir; print(smollm2_dir(), tiny_model_dir())"
 	touch $@
 
-test: setup lint test-py test-nb ## everything CI runs: lint, unit and course tests, every chapter
+test: setup lint test-py ## everything CI runs: lint, unit and course tests (every chapter executed: each cell twice, each task stubbed, the exercises)
 
 lint: check-export ## export and workbook in sync, notebooks formatted and committed clean, no unused names
 	$(VENV)/bin/ruff check --select F,E9 cleanvllm tools tests
@@ -48,7 +48,7 @@ lint: check-export ## export and workbook in sync, notebooks formatted and commi
 test-py: setup ## unit tests and the course's rules (own code, small steps, solutions)
 	$(PY) -m pytest tests/ -q -n $(JOBS) --durations=15
 
-test-nb: setup ## execute every chapter notebook as a learner would
+test-nb: setup ## execute every chapter notebook once, as committed (CI executes them in test-py's tests/test_notebooks.py)
 	$(PY) -m pytest --nbmake notebooks/ -q -n $(JOBS)
 
 check-export: setup ## fail if the package differs from a fresh export of the notebooks

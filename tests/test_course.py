@@ -126,3 +126,32 @@ def test_setup_names_an_earlier_chapter_whose_exported_code_fails_its_checks(tmp
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode != 0 and "chapter 03's code in the package fails its checks" in out.stderr, out.stderr[-3000:]
     assert "make reset CH=03" in out.stderr
+
+
+def test_check_rerun_with_nothing_saved_answers_at_once_and_reruns_after_a_save(tmp_path, monkeypatch, capsys):
+    """check() twice on the same saved code runs the chapter's tests once; a save runs them again,
+    and a failure is never remembered as a pass."""
+    import cleanvllm.course as course
+
+    runs = []
+
+    def fake_run(cmd, **kw):
+        runs.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1 if "FAIL" in nb.read_text() else 0, "chapter 03: ok", "")
+
+    monkeypatch.setattr(course.subprocess, "run", fake_run)
+    monkeypatch.setattr(course, "_checked", {})
+    nb = tmp_path / "03_memory.ipynb"
+    nb.write_text("{}")
+    course.check_chapter("03", str(nb))
+    course.check_chapter("03", str(nb))
+    assert len(runs) == 1, f"the second check() re-ran the tests: {len(runs)} runs"
+    assert "passed already" in capsys.readouterr().out
+    nb.write_text('{"saved": 1}')  # the learner saves a change
+    course.check_chapter("03", str(nb))
+    assert len(runs) == 2, "a saved change must run the tests again"
+    nb.write_text('{"FAIL": 1}')
+    for _ in range(2):
+        with pytest.raises(CheckFailed):
+            course.check_chapter("03", str(nb))
+    assert len(runs) == 4, "a failing check is run again every time"

@@ -74,13 +74,16 @@ def test_each_cell_twice_each_task_alone_and_the_solutions(nb_path):
     - every cell runs twice in a row (a learner re-runs cells);
     - each task's own check fails when that task alone is a stub (no check passes without its task),
       and names the task;
-    - the exercises' solutions (solutions/NN_name.py) pass their checks.
+    - each exercise as committed (its stub) is "not attempted yet" at its check, and its solution
+      (solutions/NN_name.py) passes that check.
+    This is the chapter's whole execution in CI (`make test-nb` runs the notebooks once as they are).
     """
     nb = nbformat.read(nb_path, as_version=4)
     stubs = {m.group(1): c for c in nb.cells if c.cell_type == "code" and (m := EXERCISE.match(c.source))}
     assert len(stubs) >= 2, f"{nb_path.name} has {len(stubs)} exercise(s); a chapter has 2-3"
     sols = solutions(nb_path)
     assert set(sols) == set(stubs), f"solutions {sorted(sols)} vs exercises {sorted(stubs)}"
+    as_committed = {id(cell): (name, cell.source) for name, cell in stubs.items()}
     for name, cell in stubs.items():
         cell.source = f"#| exercise {name}\n{sols[name]}"
     tasks = workbook.parse_tasks(nb_path, nb)
@@ -91,6 +94,18 @@ def test_each_cell_twice_each_task_alone_and_the_solutions(nb_path):
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
+            if id(cell) in as_committed:  # the exercise's stub first: its check says "not attempted yet"
+                name, stub_source = as_committed[id(cell)]
+                check_at = next(j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"
+                                and f'@exercise("{name}")' in nb.cells[j].source)
+                said = []
+                for j, source in [(i, stub_source)] + [(j, nb.cells[j].source) for j in range(i + 1, check_at + 1)
+                                                         if nb.cells[j].cell_type == "code"]:
+                    probe = nbformat.v4.new_code_cell(source)
+                    client.execute_cell(probe, j)
+                    said.append(_texts(probe))
+                assert f"Exercise {name}: not attempted yet" in "".join(said), \
+                    f"exercise {name} as committed: its check did not say 'not attempted yet': {said[-1][-500:]}"
             here = [t for t in tasks if t.cell == i]
             for t in here:
                 check_at = next(j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"

@@ -125,7 +125,9 @@ def test_make_check_names_the_task_of_a_seeded_mistake(chapter, index, mistake, 
     assert source.count(mistake["find"]) == 1, f"{mistake['module']}: `find` must occur exactly once"
     module.write_text(source.replace(mistake["find"], mistake["replace"]))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check.py"), chapter, "--quiet"],
+    # the mistake's task first: the whole check still runs until a test fails, but that comes sooner
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check.py"), chapter, "--quiet",
+                          "--first", mistake["task"]],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert out.returncode != 0, f"make check CH={chapter} passed with this mistake: {mistake['why']}"
     assert f"Task {mistake['task']}" in out.stdout, out.stdout[-3000:]

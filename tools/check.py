@@ -8,6 +8,7 @@ Usage:
   python tools/check.py 03                      the package as it is (`make check CH=03`)
   python tools/check.py 03 --notebook FILE      that notebook's code, exported to a temporary copy
                                                 of the package (the notebook's `check()` does this)
+  python tools/check.py 03 --first 3.5          the tests of task 3.5 first (the seeded-mistake tests)
 """
 
 import argparse
@@ -61,6 +62,11 @@ def pytest_runtest_makereport(item, call):
         tasks = [a for m in item.iter_markers("tasks") for a in m.args]
         msg = str(call.excinfo.value).strip().splitlines()[0][:300] if call.excinfo else rep.longreprtext[-300:]
         FAILED.append((item.name, tasks, msg))
+def pytest_collection_modifyitems(config, items):
+    import os
+    first = set(filter(None, os.environ.get("CLEANVLLM_CHECK_FIRST", "").split(",")))
+    if first:  # these tasks' tests first (stable otherwise): with -x a failure there ends the run
+        items.sort(key=lambda it: not any(a in first for m in it.iter_markers("tasks") for a in m.args))
 def pytest_sessionfinish(session):
     import json, os
     with open(os.environ["CLEANVLLM_CHECK_REPORT"], "w") as f:
@@ -68,7 +74,7 @@ def pytest_sessionfinish(session):
 '''
 
 
-def run(chapter: str, notebook: Path | None, quiet: bool) -> int:
+def run(chapter: str, notebook: Path | None, quiet: bool, first: str = "") -> int:
     chapter = f"{int(chapter):02d}"
     files = test_files(chapter)
     if not files:
@@ -78,7 +84,7 @@ def run(chapter: str, notebook: Path | None, quiet: bool) -> int:
         # tmp holds the report plugin and, with --notebook, the package copy: it comes first.
         path = [tmp, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(ROOT)]
         env = dict(os.environ, CLEANVLLM_CHECK_REPORT=str(Path(tmp) / "report.json"),
-                   PYTHONPATH=os.pathsep.join(path))
+                   PYTHONPATH=os.pathsep.join(path), CLEANVLLM_CHECK_FIRST=first)
         Path(tmp, "cleanvllm_check_plugin.py").write_text(PLUGIN)
         if notebook is not None:
             # the notebook's saved code, exported into a copy of the package
@@ -118,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("chapter", help="chapter number, e.g. 03")
     ap.add_argument("--notebook", type=Path, help="check this notebook's code instead of the package")
     ap.add_argument("--quiet", action="store_true", help="only the summary")
+    ap.add_argument("--first", default="", metavar="TASKS",
+                    help="run the tests of these tasks (3.4,3.6) first: a failure there ends the check sooner")
     args = ap.parse_args(argv)
-    return run(args.chapter, args.notebook, args.quiet)
+    return run(args.chapter, args.notebook, args.quiet, args.first)
 
 
 if __name__ == "__main__":
