@@ -258,6 +258,8 @@ class ChatRequest(SamplingRequest):
     messages: list[dict]
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false} for Qwen3
+    add_generation_prompt: bool = True  # the template's "assistant, your turn" at the end
+    continue_final_message: bool = False  # or: the last (assistant) message continued, left open
     logprobs: StrictBool | None = None  # each token's logprob...
     top_logprobs: StrictInt | None = None  # ...and the k most likely (only with logprobs: true)
 
@@ -282,6 +284,7 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "include_stop_str_in_output": "include_stop_str_in_output",
     # read by the endpoints that have them (logprobs, top_logprobs: see logprobs_asked; echo)
     "logprobs": Refused((None, False)), "top_logprobs": Refused(), "echo": Refused((None, False)),
+    "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
     # not implemented (yet): one choice, no prompt logprobs, no structured output
     "n": Refused((None, 1)), "best_of": Refused((None, 1)), "use_beam_search": Refused((None, False)),
     "prompt_logprobs": Refused(), "length_penalty": Refused((None, 1)),
@@ -295,7 +298,6 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "include_reasoning": Refused((None, True)), "mm_processor_kwargs": Refused(),
     "kv_transfer_params": Refused(), "web_search_options": Refused(),
     "spaces_between_special_tokens": Refused((None, True)), "truncate_prompt_tokens": Refused(),
-    "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
     "chat_template": Refused(), "add_special_tokens": Refused(), "reasoning_effort": Refused(),
     "return_tokens_as_token_ids": Refused((None, False)), "prompt_embeds": Refused(),
     "modalities": Refused((None, ["text"])), "audio": Refused(), "prediction": Refused(),
@@ -938,8 +940,18 @@ async def chat_ids(s: ServerState, body, add_special_tokens: bool = False) -> li
     options = body.chat_template_kwargs or {}
     if "chat_template" in options:
         raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
+    turn = {
+        "add_generation_prompt": getattr(body, "add_generation_prompt", True),
+        "continue_final_message": getattr(body, "continue_final_message", False),
+    }
+    if set(turn) & set(options):
+        raise APIError(400, f"chat_template_kwargs may not set {sorted(set(turn) & set(options))}: "
+                            "they are the request's own fields")  # fmt: skip
+    if all(turn.values()):
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: "
+                            "continue the last message, or open a new assistant turn")  # fmt: skip
     render = functools.partial(s.tokenizer.apply_chat_template, messages, tokenize=False,
-                               add_generation_prompt=True, **options)  # fmt: skip
+                               **turn, **options)  # fmt: skip
     try:
         prompt = await s.off_loop(render)
     except Exception as e:
@@ -1028,6 +1040,8 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None  # either a prompt
     messages: list[dict] | None = None  # or a conversation, rendered by the chat template
     chat_template_kwargs: dict | None = None
+    add_generation_prompt: bool = True  # for messages, as the chat endpoint
+    continue_final_message: bool = False
     add_special_tokens: bool | None = None  # vLLM's defaults: True for a prompt, False for messages
     return_token_strs: bool = False
 

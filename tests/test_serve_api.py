@@ -125,6 +125,29 @@ def test_content_parts_join_with_newlines_and_an_image_is_refused(server):
         assert r.status_code == 400 and "'image_url'" in r.json()["error"]["message"], r.text
         assert "messages.0.content" in r.json()["error"]["message"], r.text
 
+
+@pytest.mark.tasks("11.24")
+def test_continue_final_message_and_add_generation_prompt(server):
+    url, _, tok, _ = server
+    conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    for turn in ({"add_generation_prompt": False}, {"add_generation_prompt": False, "continue_final_message": True}):
+        r = httpx.post(url + "/tokenize", json={"messages": conv, **turn}).json()
+        text = tok.apply_chat_template(conv, tokenize=False, **turn)
+        assert r["tokens"] == tok.encode(text, add_special_tokens=False), turn
+    cont = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert cont.rstrip().endswith("The colour is"), "the reference leaves the last message open"
+    r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": conv, "max_tokens": 2,
+                                                      "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(cont, add_special_tokens=False))
+    for body, word in [({"continue_final_message": True}, "cannot both be true"),
+                       ({"chat_template_kwargs": {"add_generation_prompt": False}}, "add_generation_prompt")]:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": conv, "max_tokens": 2, **body})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+    r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
+                                                 "continue_final_message": True})
+    assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"], r.text
+
 # ---- /metrics ----------------------------------------------------------------------------------
 
 @pytest.mark.tasks("11.13", "11.14")
@@ -289,7 +312,7 @@ CHAT_REFUSED = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("top_logprobs", 2),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
-    ("echo", True), ("continue_final_message", True), ("add_generation_prompt", False),
+    ("echo", True), ("continue_final_message", True),  # (with add_generation_prompt: true, the default)
     ("chat_template", "{{ 'hi' }}"), ("reasoning_effort", "high"), ("n", 2),
     ("documents", [{"title": "a", "text": "b"}]), ("include_reasoning", False),
     ("structural_tag", "{}"), ("add_special_tokens", True), ("prompt_logprobs", 0),
