@@ -79,7 +79,7 @@ def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf
             assert len(got) >= 10 and got == hf_greedy(hf_model, p, len(got)), f"chunk={chunk}"
 
 
-@pytest.mark.tasks("7.10", "7.5")
+@pytest.mark.tasks("7.10", "7.5", "7.30")
 def test_seeded_tokens_ignore_chunking_and_neighbours_and_no_generator_is_attached(runner):
     g = torch.Generator().manual_seed(1)
     p, other = (torch.randint(0, 10000, (n,), generator=g).tolist() for n in (40, 9))
