@@ -85,7 +85,7 @@ def test_prefill_backends(device, shape):
         assert rel_err(out, ref) < tol(dtype)
 
 
-@pytest.mark.tasks("5.3", "5.4", "5.5", "5.6", "5.7", "5.8", "5.9", "5.10")
+@pytest.mark.tasks("5.3", "5.4", "5.5", "5.6", "5.7", "5.8", "5.9", "5.10", "5.17")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("splits", [None, 1, 4])
@@ -159,7 +159,7 @@ def test_store_kvcache_matches_reference(device):
         assert torch.equal(kc.nan_to_num(0), kc2.cpu().nan_to_num(0))
 
 
-@pytest.mark.tasks("5.6", "5.8", "5.9", "5.10")
+@pytest.mark.tasks("5.6", "5.8", "5.9", "5.10", "5.17")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_n,splits", [(16, 1), (16, 8), (32, 4), (64, 2)])
 def test_decode_tile_size_and_splits_keep_the_result(device, block_n, splits):

@@ -79,7 +79,7 @@ def test_execute_returns_one_token_per_sequence_matching_transformers(runner, hf
             assert len(got) >= 10 and got == hf_greedy(hf_model, p, len(got)), f"chunk={chunk}"
 
 
-@pytest.mark.tasks("7.10", "7.5")
+@pytest.mark.tasks("7.10", "7.5", "7.30")
 def test_seeded_tokens_ignore_chunking_and_neighbours_and_no_generator_is_attached(runner):
     g = torch.Generator().manual_seed(1)
     p, other = (torch.randint(0, 10000, (n,), generator=g).tolist() for n in (40, 9))
@@ -258,7 +258,7 @@ def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
     assert ctx.tolist() == [len(s) for s in seqs] + [1] * pad == general.context_lens + [1] * pad
 
 
-@pytest.mark.tasks("7.17")
+@pytest.mark.tasks("7.17", "7.30")
 def test_the_persistent_batch_gives_every_sequence_its_whole_table():
     """Random steps of sequences that join, grow a block, leave, come back or are prefilled again
     (a new table): the rows a step gets always hold exactly the tables it was given, though a

@@ -44,7 +44,7 @@ CASES = [
 ]
 
 
-@pytest.mark.tasks("7.7")
+@pytest.mark.tasks("7.7", "7.26", "7.27")
 def test_penalties_and_bias_match_a_hand_computation_in_a_mixed_batch():
     g = torch.Generator().manual_seed(0)
     vocab = 12
@@ -61,7 +61,7 @@ def test_penalties_and_bias_match_a_hand_computation_in_a_mixed_batch():
     assert torch.equal(got[-1], logits[-1]), "a row without penalties or bias is untouched"
 
 
-@pytest.mark.tasks("7.7")
+@pytest.mark.tasks("7.7", "7.27")
 def test_penalties_leave_the_input_and_masked_tokens_alone():
     logits = torch.tensor([[1.0, -1.0, 2.0, float("-inf")]])
     before = logits.clone()
@@ -71,7 +71,7 @@ def test_penalties_leave_the_input_and_masked_tokens_alone():
     assert out[0, 3] == float("-inf"), "a token masked by min_tokens stays masked"
 
 
-@pytest.mark.tasks("7.7")
+@pytest.mark.tasks("7.7", "7.26", "7.27")
 def test_greedy_follows_the_penalized_logits():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
     sp = SamplingParams(temperature=0, repetition_penalty=2.0)  # token 0 in the prompt: 5 -> 2.5
@@ -83,7 +83,7 @@ def test_greedy_follows_the_penalized_logits():
     assert sample(logits, [SamplingParams(temperature=0)], [0], token_ids=[[0]]).item() == 0
 
 
-@pytest.mark.tasks("7.7")
+@pytest.mark.tasks("7.7", "7.26", "7.27")
 def test_sampled_distribution_uses_penalized_logits_before_temperature():
     logits = torch.tensor([1.0, 0.5, -0.5, 2.0, 0.0])
     sp = SamplingParams(temperature=0.7, repetition_penalty=1.8, presence_penalty=0.4, logit_bias={4: 1.0})
@@ -102,6 +102,7 @@ def test_a_penalty_without_the_tokens_is_an_error():
 
 
 # ---- logprobs: raw model output, against transformers in float64 --------------------------------
+@pytest.mark.tasks("7.28")
 def test_logprobs_match_transformers_float64(hf_model):
     prompt = [[5, 17, 300, 2, 99, 1024, 7], [8, 8, 8, 400]]
     hf64 = copy.deepcopy(hf_model).double()
@@ -120,6 +121,7 @@ def test_logprobs_match_transformers_float64(hf_model):
         assert rank.tolist() == want_rank == [i % 9 + 1 for i in range(len(ids))]
 
 
+@pytest.mark.tasks("7.28")
 def test_logprobs_are_of_the_raw_logits_in_float32_from_bfloat16():
     logits = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(1)) * 8).bfloat16()
     ref = torch.log_softmax(logits.double(), -1)
@@ -129,6 +131,7 @@ def test_logprobs_are_of_the_raw_logits_in_float32_from_bfloat16():
     assert rank.tolist() == [1, 1, 1]
 
 
+@pytest.mark.tasks("7.28")
 def test_logprobs_zero_gives_only_the_sampled_token():
     top_ids, top, own, rank = compute_logprobs(torch.randn(2, 10), torch.tensor([3, 4]), 0)
     assert top_ids.shape == (2, 0) and own.shape == (2,) and rank.shape == (2,)

@@ -293,6 +293,18 @@ def test_blocks_filled_by_decode_enter_the_prefix_cache_once_each(monkeypatch):
     assert again.num_cached_tokens == 12 and again.block_table[:3] == seq.block_table[:3]
 
 
+@pytest.mark.tasks("4.11")
+def test_preempt_all_empties_running_newest_first_and_frees_every_block():
+    """Three decoding sequences preempted at once: waiting holds them oldest first (the newest is
+    preempted first, each goes to the front), nothing holds a block, nothing is scheduled."""
+    sch = Scheduler(4, 64, BlockManager(8, 4))
+    seqs = running(sch, [1, 2, 3], [4, 5, 6, 7, 8], [9])
+    sch.preempt_all()
+    assert list(sch.running) == [] and ids(sch.waiting) == ids(seqs)
+    assert sch.block_manager.num_free_blocks == 8
+    assert [(s.block_table, s.num_scheduled_tokens) for s in seqs] == [([], 0)] * 3
+
+
 @pytest.mark.tasks("4.9")
 def test_abort_anywhere_twice_frees_everything_and_keeps_a_finished_reason():
     sch = Scheduler(4, 64, BlockManager(8, 4))
