@@ -13,7 +13,16 @@ openai = pytest.importorskip("openai")
 
 from cleanvllm.engine import LLM  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.serve import AsyncEngine, Handle, chat_chunk, completion_chunk, summarize, usage  # noqa: E402
+from cleanvllm.serve import (  # noqa: E402
+    AsyncEngine,
+    Handle,
+    allowed_hosts,
+    chat_chunk,
+    completion_chunk,
+    load_json,
+    summarize,
+    usage,
+)
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -72,17 +81,43 @@ def test_usage_and_chunks_are_what_the_openai_package_reads():
     assert (counted.prompt_tokens, counted.completion_tokens, counted.total_tokens) == (7, 5, 12)
     assert counted.prompt_tokens_details.cached_tokens == 3
     text = Completion.model_validate(completion_chunk("cmpl-1", "m", 0)("Hi", "length", 2))
-    assert (text.choices[0].text, text.choices[0].index, text.choices[0].finish_reason) == ("Hi", 2, "length")
+    assert (text.choices[0].text, text.choices[0].index, text.choices[0].finish_reason) == (
+        "Hi",
+        2,
+        "length",
+    )
     chat = chat_chunk("chatcmpl-1", "m", 0)
-    assert ChatCompletionChunk.model_validate(chat(None, None, role="assistant")).choices[0].delta.role == "assistant"
+    assert (
+        ChatCompletionChunk.model_validate(chat(None, None, role="assistant")).choices[0].delta.role
+        == "assistant"
+    )
     assert ChatCompletionChunk.model_validate(chat("Hi", None)).choices[0].delta.content == "Hi"
 
 
 @pytest.mark.tasks("11.32")
 def test_summarize_by_hand():
-    results = [{"ttft": 0.1, "itl": [0.02, 0.04], "latency": 0.5, "tokens": 3},
-               {"ttft": 0.3, "itl": [0.06], "latency": 1.5, "tokens": 2}]
+    results = [
+        {"ttft": 0.1, "itl": [0.02, 0.04], "latency": 0.5, "tokens": 3},
+        {"ttft": 0.3, "itl": [0.06], "latency": 1.5, "tokens": 2},
+    ]
     got = summarize(results, 2.0, 4.0)
     # Little's law: (0.5 + 1.5) s of requests over 2 s = 1 in flight; 5 tokens / 2 s
     assert (got["concurrency"], got["output_tok_s"]) == (1.0, 2.5), got
     assert (got["ttft_p50_ms"], got["itl_p50_ms"], got["itl_p99_ms"]) == (200.0, 40.0, 59.6), got
+
+
+@pytest.mark.tasks("11.37")
+def test_load_json_counts_the_values_inside_objects_and_lists():
+    raw = b'[1, [2, 3], {"a": 4, "b": [5]}]'  # [] 1 [] 2 3 {} 4 [] 5: 9 values by hand
+    assert load_json(raw, 9) == [1, [2, 3], {"a": 4, "b": [5]}]
+    assert load_json(raw, 8) == "the body has more than 8 JSON values"
+    assert load_json(b"[1, 2", 9).startswith("the body is not valid JSON")
+
+
+@pytest.mark.tasks("11.40")
+def test_allowed_hosts_by_hand():
+    assert allowed_hosts("127.0.0.1", None) == ("127.0.0.1", "localhost", "::1")
+    assert allowed_hosts("192.168.1.7", None) == ("192.168.1.7",)
+    assert allowed_hosts("0.0.0.0", None) is None
+    assert allowed_hosts("127.0.0.1", "*") is None
+    assert allowed_hosts("0.0.0.0", "a.example,b.example") == ("a.example", "b.example")
