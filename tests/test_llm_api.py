@@ -42,6 +42,7 @@ def rendered(ref, conv, **options) -> tuple[str, list[int]]:
     return text, list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+@pytest.mark.tasks("8.25", "8.31")
 @pytest.mark.parametrize("chat_kwargs, template_kwargs, conv", [
     ({}, dict(add_generation_prompt=True), CONV),
     (dict(enable_thinking=False), dict(add_generation_prompt=True, enable_thinking=False), CONV),
@@ -63,6 +64,7 @@ def test_chat_prompt_is_apply_chat_template(llm, ref, chat_kwargs, template_kwar
     assert len(out.outputs[0].token_ids) == 2
 
 
+@pytest.mark.tasks("8.25", "8.29")
 def test_chat_several_conversations_in_order(llm, ref):
     convs = [CONV, [USER], PARTIAL]
     outs = llm.chat(convs, SHORT, use_tqdm=False, enable_thinking=False)
@@ -74,6 +76,7 @@ PARTS_TEMPLATE = ("{% for m in messages %}{% if m.content is string %}{{ m.conte
                   "{% for p in m.content %}<{{ p.type }}:{{ p.text }}>{% endfor %}{% endif %}{% endfor %}")
 
 
+@pytest.mark.tasks("8.30")
 def test_content_as_a_list_of_parts(llm, ref):
     parts = [{"type": "text", "text": "What is"}, "2+2", {"type": "input_text", "text": "?"}]
     conv = [CONV[0], {"role": "user", "content": parts}]
@@ -95,6 +98,7 @@ def test_get_tokenizer(llm, ref):
     assert llm.generate(text, SHORT, use_tqdm=False)[0].prompt_token_ids == ref.encode(text)
 
 
+@pytest.mark.tasks("8.29", "8.30", "8.31")
 @pytest.mark.parametrize("call, message", [
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "content part 0: a part of type 'image_url' is not supported"),
@@ -126,6 +130,7 @@ def test_chat_refusals(llm, call, message):
     assert llm.chat([USER], SHORT, use_tqdm=False)[0].finished  # the engine still serves
 
 
+@pytest.mark.tasks("8.28")
 @pytest.mark.parametrize("settings, error, message", [
     (dict(model="Qwen/Qwen3-0.6B"), ValueError, "huggingface-cli download Qwen/Qwen3-0.6B --local-dir"),
     (dict(model="Qwen/Qwen3-0.6B"), ValueError, "local directories only"),
@@ -152,6 +157,7 @@ def test_setting_refusals(tiny_model, settings, error, message):
     assert message in str(e.value)
 
 
+@pytest.mark.tasks("8.28")
 def test_unknown_setting_lists_vllm_names(tiny_model):
     with pytest.raises(ValueError) as e:
         LLM(tiny_model, swap_space=4)
@@ -159,6 +165,7 @@ def test_unknown_setting_lists_vllm_names(tiny_model):
         assert repr(name) in str(e.value)
 
 
+@pytest.mark.tasks("8.28")
 def test_block_size_is_kvcache_block_size(tiny_model, llm):
     # llm was built with block_size=16; this one with kvcache_block_size=16
     with LLM(tiny_model, kvcache_block_size=16, **KW) as other:
@@ -177,6 +184,7 @@ def test_block_size_is_kvcache_block_size(tiny_model, llm):
         assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
 
 
+@pytest.mark.tasks("8.28")
 def test_dtype_auto_is_the_default(tiny_model):
     with LLM(tiny_model, device="cpu", dtype="auto", num_kvcache_blocks=8, max_model_len=64) as e:
         assert e.config.dtype == "float32"  # on a CPU, as dtype=None
