@@ -49,7 +49,8 @@ def test_bad_requests_fail_before_any_work_and_engine_stays_usable(llm, prompts,
     (dict(gpu_memory_utilization=0), r"gpu_memory_utilization=0"),
     (dict(tensor_parallel_size=3), r"tensor_parallel_size=3 .*must divide"),
     (dict(attention_backend="flash"), r"attention_backend"),
-    (dict(block_size=16), r"unknown engine setting\(s\) \['block_size'\]"),
+    (dict(swap_space=4), r"unknown engine setting\(s\) \['swap_space'\]"),
+    (dict(block_size=0), r"kvcache_block_size.*\(block_size is kvcache_block_size here\)"),  # vLLM's name
     (dict(max_model_len=4096, cpu_kvcache_bytes=1 << 20), r"cannot hold one sequence of max_model_len=4096.*cpu_kvcache_bytes"),
 ])
 def test_bad_engine_settings_are_named(tiny_model, kwargs, message):
