@@ -208,6 +208,14 @@ class InputBatch:
         self.row_of[seq_id] = row
         return row
 
+    def forget(self, seq_ids: list[int]) -> None:
+        """Give back the rows of sequences that will not come back. The warm-up's and the graph
+        capture's stand-in sequences must go: their ids come back at the next capture, and a known row
+        is not written again at decode, so a stale table would point into a scratch cache long freed."""
+        for seq_id in seq_ids:
+            if seq_id in self.row_of:
+                self.free.append(self.row_of.pop(seq_id))
+
 
 @dataclass
 class GraphOutputs:
@@ -464,6 +472,7 @@ class ModelRunner:
         if logits is not None:  # rank 0 samples
             sample(logits, [SamplingParams(top_p=0.9)] * c.max_num_seqs, [0] * c.max_num_seqs)
         del hidden, logits
+        self.input_batch.forget(batch.seq_ids)  # their tables point into the scratch cache
         workspace = 0
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -603,6 +612,7 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[rows] = graph
             reset_context()
+        self.input_batch.forget(dummy.seq_ids)  # a stand-in: no sequence of the engine
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

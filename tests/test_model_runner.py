@@ -135,6 +135,28 @@ def test_warmup_runs_the_configured_backend_on_a_paged_cache(tiny_model):
     runner.release()
 
 
+@pytest.mark.tasks("7.21", "7.30")
+def test_a_decode_after_the_warmup_stages_its_own_table_not_a_scratch_one(tiny_model):
+    """Found on an H100 (chapter 8, 2026-12-07): the graph capture's stand-in decode (sequence id
+    -1, table [0]) found the row the warm-up's sequence -1 had left, with that sequence's table of
+    scratch blocks, and wrote its key and value far past the end of a 16-block cache."""
+    runner = ModelRunner(config(tiny_model, num_kvcache_blocks=8, max_model_len=64, max_num_batched_tokens=256))
+    try:
+        scratch = runner._largest_step()
+        assert -1 in scratch.seq_ids and scratch.block_tables[-1][0] >= 8  # the case that faulted
+        runner._set_kv_cache(0)
+        runner._warmup()
+        runner._set_kv_cache(8)
+        dummy = StepBatch(False, [0], [0], [], [0, 1], [], [[0]], [SamplingParams()], [0], [-1])
+        runner._stage(dummy, 1)
+        runner._decode_slots(1)
+        staged = runner.buffers.dev
+        assert staged["block_tables"][0, 0].item() == 0  # the stand-in's own table
+        assert staged["slot_mapping"][0].item() == 0  # its position 0 in block 0: inside the cache
+    finally:
+        runner.release()
+
+
 @pytest.mark.tasks("7.11")
 def test_tp_runner_refuses_when_torch_distributed_is_initialized(tiny_model, external_group):
     with pytest.raises(RuntimeError, match="One tensor-parallel engine per process"):
