@@ -450,7 +450,11 @@ def measurements(py: str, env: dict, logs: Path, qwen: str, args) -> list[dict]:
         rows.append(row)
         if not row["ok"]:
             keep_log(name, logs / row["log"])
-        print(f"[gpu-check] {name}: {'pass' if row['ok'] else 'FAIL'} in {secs:.0f} s", flush=True)
+        # the numbers now, not only in the table: a call cut by its time limit still returns them
+        print(f"[gpu-check] {name}: {'pass' if row['ok'] else 'FAIL'} in {secs:.0f} s: {row['numbers']}",
+              flush=True)
+        if os.environ.get("OUT") and out.exists():
+            shutil.copyfile(out, Path(os.environ["OUT"]) / out.name)
     return rows
 
 
