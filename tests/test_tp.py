@@ -117,3 +117,18 @@ def test_a_worker_that_dies_at_start_up_fails_fast_naming_the_cause(tmp_path, ti
     assert out.returncode != 0 and "started" not in out.stdout, out.stdout + out.stderr
     assert "worker rank 1 exited" in out.stderr and '__name__ == "__main__"' in out.stderr
     assert took < 60, f"took {took:.0f} s"
+
+
+def test_a_worker_process_runs_with_rank_0s_cpu_threads(monkeypatch):
+    """Found on an H100 machine (16 cores, 12 notebooks side by side): a spawned worker took every
+    core while rank 0 ran on one, ran many times slower on the busy machine, and the watchdog killed
+    it as hung. The worker's entry sets rank 0's count before it runs the rank."""
+    import cleanvllm.workers as workers
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(workers, "run_worker", lambda *args: seen.append((torch.get_num_threads(), args)))
+    try:
+        workers._rank_main(3, "config", 1, 1234, "conn")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(3, ("config", 1, 1234, "conn"))]
