@@ -515,14 +515,14 @@ def run(args) -> int:
     share = dict(env, PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], str(ROOT / "tools" / "gpu_share")]))
     jobs = chapter_jobs(py, None if args.no_qwen else qwen)
     jobs.sort(key=lambda j: -SECONDS_SEEN.get(j[1], {}).get(j[0], 60))
-    if args.only:
+    if args.only:  # "tests" in the list keeps the GPU tests
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
     if args.ways:
         jobs = [j for j in jobs if j[1] in args.ways.split(",")]
     jobs = [(*j[:4], min(j[4], room_gib)) for j in jobs]  # a small card: one big job at a time
     gpu_tests = ("GPU tests", "tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                         "tests/test_attention.py", "tests/test_fused.py", "tests/test_gpu.py"], {}, min(8, room_gib))
-    if not args.only:
+    if not args.only or "tests" in args.only.split(","):
         jobs.insert(1, gpu_tests)  # 125 s at 6d75082
 
     def one(job):
@@ -607,7 +607,7 @@ def main() -> int:
                    help="transformers' continuous batching on the first N requests (slow: 0 skips)")
     r.add_argument("--rates", default=os.environ.get("GPU_SERVE_RATES", "8,32,inf"))
     r.add_argument("--no-qwen", action="store_true", help="skip the CLEANVLLM_MODEL pass")
-    r.add_argument("--only", help="these chapters only, comma-separated (07,08); no GPU tests")
+    r.add_argument("--only", help="these chapters only, comma-separated (07,08); 'tests' adds the GPU tests")
     r.add_argument("--ways", help="of default,Qwen3-0.6B,solutions: these only (default: all three)")
     r.add_argument("--skip-bench", action="store_true", help="chapters and tests only")
     e = sub.add_parser("execute", help="there: run one notebook, keeping its printed text (shown.txt)")
