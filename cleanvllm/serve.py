@@ -47,7 +47,7 @@ from transformers import AutoTokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cleanvllm
-from cleanvllm.engine import LLMEngine, RequestOutput, check_text
+from cleanvllm.engine import LLMEngine, RequestOutput, check_text, message_text, template_options
 from cleanvllm.outputs import CompletionOutput
 from cleanvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -895,23 +895,16 @@ async def completions(request: Request):
 
 
 def chat_messages(s: ServerState, body: ChatRequest) -> list:
-    """The messages, content given as a list of parts joined into its text parts (a newline between
-    two, as vLLM joins them); a 400 for a part that is not text (an image: this engine reads text
-    only), for text that is not a string, and for a conversation too long to fit."""
+    """The messages, content given as a list of parts read by the engine's own `message_text`, as
+    LLM.chat reads them (text parts and bare strings joined with a newline, as vLLM joins them); a
+    400 naming the message for a part that is not text (an image: this engine reads text only),
+    and for a conversation too long to fit."""
     messages, chars = [], 0
     for i, m in enumerate(body.messages):
-        if isinstance(m.get("content"), list):
-            kinds = [
-                p.get("type") if isinstance(p, dict) else type(p).__name__ for p in m["content"]
-            ]
-            if any(k != "text" for k in kinds):
-                bad = next(k for k in kinds if k != "text")
-                raise APIError(400, f"messages.{i}.content: a part of type {bad!r} is not supported "
-                                    "(this engine reads text parts only)")  # fmt: skip
-            parts = [p.get("text") for p in m["content"]]
-            if not all(isinstance(t, str) for t in parts):
-                raise APIError(400, f"messages.{i}.content: a part's text must be a string")
-            m = {**m, "content": "\n".join(parts)}
+        try:
+            m = message_text(m, f"messages.{i}", "string")
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
         chars += len(m["content"]) if isinstance(m.get("content"), str) else 0
         messages.append(m)
     if len(messages) > s.max_model_len:  # every message takes at least one token
@@ -937,21 +930,17 @@ async def chat_ids(s: ServerState, body, add_special_tokens: bool = False) -> li
     tokens are added by default (vLLM's default): the template writes its own, and a tokenizer that
     adds a BOS would otherwise put a second one in front of the template's."""
     messages = chat_messages(s, body)
-    options = body.chat_template_kwargs or {}
-    if "chat_template" in options:
-        raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
-    turn = {
-        "add_generation_prompt": getattr(body, "add_generation_prompt", True),
-        "continue_final_message": getattr(body, "continue_final_message", False),
-    }
-    if set(turn) & set(options):
-        raise APIError(400, f"chat_template_kwargs may not set {sorted(set(turn) & set(options))}: "
-                            "they are the request's own fields")  # fmt: skip
-    if all(turn.values()):
-        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: "
-                            "continue the last message, or open a new assistant turn")  # fmt: skip
+    try:  # the engine's checks of LLM.chat's options: a request may ask what chat() may
+        options = template_options(
+            getattr(body, "add_generation_prompt", True),
+            getattr(body, "continue_final_message", False),
+            body.chat_template_kwargs,
+            None,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
     render = functools.partial(s.tokenizer.apply_chat_template, messages, tokenize=False,
-                               **turn, **options)  # fmt: skip
+                               **options)  # fmt: skip
     try:
         prompt = await s.off_loop(render)
     except Exception as e:
