@@ -131,3 +131,16 @@ def test_minus_one_says_it_is_not_supported():
     with pytest.raises(ValueError, match="whole vocabulary.*not supported"):
         SamplingParams(prompt_logprobs=-1)
     assert SamplingParams(prompt_logprobs=MAX_LOGPROBS).prompt_logprobs == MAX_LOGPROBS
+
+
+@pytest.mark.tasks("7.19", "7.29")
+def test_prompt_logits_computed_a_few_rows_at_a_time_join_up(tiny_model, hf64, monkeypatch):
+    """The runner computes prompt logits PROMPT_LOGITS_ROWS positions at a time: at 16, two prompts
+    of 40 and 70 tokens span several pieces, one of them across the two prompts."""
+    import cleanvllm.model_runner as mr
+
+    monkeypatch.setattr(mr, "PROMPT_LOGITS_ROWS", 16)
+    with engine(tiny_model) as llm:
+        outs = llm.generate(PROMPTS[2:], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+    for out in outs:
+        assert_matches(out, hf64, 2)
