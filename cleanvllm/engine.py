@@ -518,11 +518,16 @@ class LLMEngine:
             req, k = self.requests.get(seq.request_id), seq.sampling_params.prompt_logprobs
             if req is None:  # aborted while its step ran
                 continue
+            if first + 1 > len(req.prompt_logprobs):  # never computed: say so, drop nothing silently
+                have = len(req.prompt_logprobs)
+                raise RuntimeError(
+                    f"request {seq.request_id}: no prompt logprobs for tokens {have}-{first}"
+                )
             ids = [[seq.token_ids[first + 1 + j - rows[0]], *top_ids[j][:k]] for j in rows]
             texts = self.tokenizer.batch_decode([[t] for row in ids for t in row])
             for n, j in enumerate(rows):
-                if first + 1 + n != len(req.prompt_logprobs):
-                    continue  # recorded before this recompute (or a chunk in between is missing)
+                if first + 1 + n < len(req.prompt_logprobs):
+                    continue  # recorded before a preemption and this recompute
                 text = texts[n * (k + 1) : (n + 1) * (k + 1)]
                 entry = {ids[n][0]: Logprob(own[j], rank[j], text[0])}
                 for r in range(k):  # the prompt token keeps its entry if it is among the top k

@@ -144,3 +144,16 @@ def test_prompt_logits_computed_a_few_rows_at_a_time_join_up(tiny_model, hf64, m
         outs = llm.generate(PROMPTS[2:], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
     for out in outs:
         assert_matches(out, hf64, 2)
+
+
+@pytest.mark.tasks("8.33")
+def test_a_cached_prefix_read_anyway_is_an_error_not_a_silent_gap(tiny_model):
+    """Without PromptLogprobBlocks' exception the request would start at the cached positions, whose
+    logits do not exist: the engine says so rather than return a shorter list."""
+    from cleanvllm.block_manager import BlockManager
+
+    with engine(tiny_model) as llm:
+        llm.generate([PROMPTS[3]], SamplingParams(max_tokens=1), use_tqdm=False)
+        llm.scheduler.block_manager.__class__ = BlockManager  # chapter 3's, which reads the cache
+        with pytest.raises(RuntimeError, match=r"no prompt logprobs for tokens 1-64"):
+            llm.generate([PROMPTS[3]], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
