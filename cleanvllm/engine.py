@@ -65,6 +65,7 @@ class _Request:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token, if it asked for them
     cumulative_logprob: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, one per prompt token]
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache had at its first step
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
@@ -126,6 +127,8 @@ class InputProcessor:
         req.stops = stop_matcher(tuple(sp.stop)) if sp.stop else None
         if sp.logprobs is not None:
             req.logprobs, req.cumulative_logprob = [], 0.0
+        if sp.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         return req
 
     def requests(self, prompts, sampling_params) -> list[_Request]:
@@ -142,6 +145,16 @@ class InputProcessor:
                 "pass one SamplingParams or one per prompt"
             )
         return [self.request(prompt, sp, i) for i, (prompt, sp) in enumerate(zip(prompts, params))]
+
+
+class PromptLogprobBlocks(BlockManager):
+    """Chapter 3's block manager, except that a sequence still owed its prompt logprobs reads no
+    prefix-cache block: cached positions never run through the model here, so they have no logits."""
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        if seq.sampling_params.prompt_logprobs is not None and seq.num_completion_tokens == 0:
+            return []  # its whole prompt is computed (after its first token, a recompute may read)
+        return BlockManager._cached_prefix(self, seq)
 
 
 class OutputProcessor:
@@ -182,7 +195,7 @@ class OutputProcessor:
             seq.request_id,
             req.prompt,
             seq.prompt_token_ids,
-            None,  # prompt_logprobs: not supported yet (SamplingParams refuses them)
+            None if req.prompt_logprobs is None else list(req.prompt_logprobs),
             [done],
             seq.is_finished,
             req.num_cached_tokens or 0,
@@ -261,7 +274,7 @@ class LLMEngine:
         except BaseException:
             self.close()
             raise
-        blocks = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size)
+        blocks = PromptLogprobBlocks(self.runner.num_kvcache_blocks, config.kvcache_block_size)
         limits = config.max_num_seqs, config.max_num_batched_tokens
         self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
         self.inputs = InputProcessor(config, self.tokenizer)
@@ -370,7 +383,7 @@ class LLMEngine:
         """Record the request, then hand its sequence to the scheduler; return its id."""
         rid, sp = req.seq.request_id, req.seq.sampling_params
         self.requests[rid] = req  # first: an interrupt after this line loses nothing
-        if sp.penalized or sp.logprobs is not None:
+        if sp.penalized or sp.logprobs is not None or sp.prompt_logprobs is not None:
             self._extras[rid] = sp
         self.scheduler.add(req.seq)
         return rid
@@ -414,12 +427,12 @@ class LLMEngine:
             if seq.is_finished:
                 del self.requests[rid]
 
-    def _execute(self, batch) -> tuple[list[int], tuple | None]:
+    def _execute(self, batch) -> tuple[list[int], Launched]:
         """Run the model on every rank; rank 0 returns one sampled token id per sequence, and the
-        logprobs tensors when the batch asked for them."""
+        step's handle (its logprobs and prompt logprobs, when the batch asked for them)."""
         if not self.workers:
             launched = self.runner.launch(batch)
-            return self.runner.collect(launched), launched.logprobs
+            return self.runner.collect(launched), launched
         try:
             self.workers.send(batch)  # they start at once
             launched = self.runner.launch(batch)
@@ -430,7 +443,7 @@ class LLMEngine:
                 raise error from None
             raise
         self.workers.busy = False
-        return token_ids, launched.logprobs
+        return token_ids, launched
 
     def _needs_tokens(self) -> bool:
         """Whether a live request has a penalty or logprobs (finished ones dropped first)."""
@@ -449,6 +462,8 @@ class LLMEngine:
             batch.token_ids = [s.token_ids for s in seqs]
         ks = [sp.logprobs for sp in self._extras.values() if sp.logprobs is not None]
         batch.num_logprobs = max(ks) if ks else None
+        if is_prefill and any(sp.prompt_logprobs is not None for sp in self._extras.values()):
+            self._ask_prompt_logprobs(batch, seqs)
         return batch
 
     def _take_logprobs(self, seqs: list[Sequence], got: list[Sequence], token_ids, logprobs) -> None:
@@ -469,17 +484,68 @@ class LLMEngine:
             req.logprobs.append(entry)
             req.cumulative_logprob += own[i]
 
+    def _ask_prompt_logprobs(self, batch, seqs: list[Sequence]) -> None:
+        """Name in a prefill's batch the positions whose prompt logprobs a request still lacks:
+        position p predicts prompt token p + 1 (spans, targets and the largest k asked)."""
+        spans, targets, ks = [], [], []
+        for i, seq in enumerate(seqs):
+            req, k = self.requests.get(seq.request_id), seq.sampling_params.prompt_logprobs
+            if req is None or k is None:
+                continue
+            start = seq.num_cached_tokens
+            first = max(start, len(req.prompt_logprobs) - 1)
+            end = min(start + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)
+            if first < end:
+                spans.append((i, first, end - first))
+                targets.extend(seq.token_ids[first + 1 : end + 1])
+                ks.append(k)
+        if spans:
+            batch.prompt_spans, batch.prompt_targets, batch.num_prompt_logprobs = (
+                spans,
+                targets,
+                max(ks),
+            )
+
+    def _take_prompt_logprobs(self, seqs: list[Sequence], launched: Launched) -> None:
+        """Record the prompt logprobs a step computed: span (row, first, count) gives the entries of
+        prompt tokens first + 1 .. first + count, each recorded once and in order."""
+        if launched.prompt_logprobs is None:
+            return
+        top_ids, top, own, rank = (t.tolist() for t in launched.prompt_logprobs)
+        at = 0  # the span's first row in the tensors
+        for i, first, count in launched.prompt_spans:
+            seq, rows, at = seqs[i], range(at, at + count), at + count
+            req, k = self.requests.get(seq.request_id), seq.sampling_params.prompt_logprobs
+            if req is None:  # aborted while its step ran
+                continue
+            if first + 1 > len(req.prompt_logprobs):  # never computed: say so, drop nothing silently
+                have = len(req.prompt_logprobs)
+                raise RuntimeError(
+                    f"request {seq.request_id}: no prompt logprobs for tokens {have}-{first}"
+                )
+            ids = [[seq.token_ids[first + 1 + j - rows[0]], *top_ids[j][:k]] for j in rows]
+            texts = self.tokenizer.batch_decode([[t] for row in ids for t in row])
+            for n, j in enumerate(rows):
+                if first + 1 + n < len(req.prompt_logprobs):
+                    continue  # recorded before a preemption and this recompute
+                text = texts[n * (k + 1) : (n + 1) * (k + 1)]
+                entry = {ids[n][0]: Logprob(own[j], rank[j], text[0])}
+                for r in range(k):  # the prompt token keeps its entry if it is among the top k
+                    entry.setdefault(ids[n][r + 1], Logprob(top[j][r], r + 1, text[r + 1]))
+                req.prompt_logprobs.append(entry)
+
     def _step_sync(self, outputs: dict, quiet) -> StepStats:
         """The article's loop: schedule, run the model (on every rank), record the tokens."""
         if self.scheduler.is_finished():
             return StepStats(False, 0, 0)
         seqs, is_prefill = self.scheduler.schedule()
         batch = self._prepare(seqs, is_prefill)
-        token_ids, logprobs = self._execute(batch)
+        token_ids, launched = self._execute(batch)
         lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
         got = [s for s, n in zip(seqs, lengths) if len(s.token_ids) > n]
-        self._take_logprobs(seqs, got, token_ids, logprobs)
+        self._take_logprobs(seqs, got, token_ids, launched.logprobs)
+        self._take_prompt_logprobs(seqs, launched)  # every prefill row, with or without a token
         self._report(got, outputs, quiet)
         return StepStats(is_prefill, len(batch.input_ids), len(seqs))
 
@@ -503,6 +569,7 @@ class LLMEngine:
         token_ids = self.runner.collect(step.launched)
         filled = self.scheduler.fill(step.seqs, token_ids)
         self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
+        self._take_prompt_logprobs(step.seqs, step.launched)
         self._report(filled, outputs, quiet)
         self.in_flight.pop(0)
         return step.stats
@@ -532,6 +599,7 @@ class LLMEngine:
                 token_ids = self.runner.collect(step.launched)
                 filled = self.scheduler.fill(step.seqs, token_ids)
                 self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
+                self._take_prompt_logprobs(step.seqs, step.launched)
             if self.config.device == "cuda":
                 torch.cuda.synchronize()  # a launch cut short may still copy from buffers we reuse
         except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing

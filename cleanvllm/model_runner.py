@@ -55,6 +55,11 @@ class StepBatch:
     seq_ids: list[int]
     token_ids: list[list[int]] | None = None  # each sequence's tokens, when a penalty needs them
     num_logprobs: int | None = None  # the most logprobs a request of the engine asks for
+    # prompt logprobs (a prefill): (row, first position, count) per sequence that asks, the prompt
+    # token each of those positions predicts, and the largest k asked
+    prompt_spans: list[tuple[int, int, int]] | None = None
+    prompt_targets: list[int] | None = None
+    num_prompt_logprobs: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -236,6 +241,8 @@ class Launched:
     host: torch.Tensor | None
     done: object = None  # torch.cuda.Event
     logprobs: tuple | None = None  # compute_logprobs of the raw logits, when the batch asked
+    prompt_logprobs: tuple | None = None  # compute_logprobs at the positions of prompt_spans
+    prompt_spans: list[tuple[int, int, int]] | None = None  # the batch's, to read them back
 
 
 class ModelRunner:
@@ -424,7 +431,8 @@ class ModelRunner:
         )
 
     def _run_eager(self, batch: StepBatch) -> torch.Tensor:
-        """The model on the batch as it is; the hidden state of each sequence's last new token."""
+        """The model on the batch as it is; the hidden state of each sequence's last new token, then
+        (a prefill whose requests ask for prompt logprobs) those of the positions in prompt_rows."""
         rows, n = batch.num_seqs, len(batch.input_ids)
         self._stage(batch, rows)
         if not batch.is_prefill:
@@ -435,6 +443,9 @@ class ModelRunner:
         finally:
             reset_context()
         last = self.buffers.dev["cu_seqlens_q"][1 : rows + 1] - 1
+        if batch.prompt_spans:  # only such a batch keeps more than one state per sequence
+            asked = torch.tensor(prompt_rows(batch), dtype=last.dtype, device=last.device)
+            last = torch.cat([last, asked])
         return hidden[last] if batch.is_prefill else hidden
 
     def _largest_step(self) -> StepBatch:
@@ -531,8 +542,12 @@ class ModelRunner:
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
         )
+        plp = None  # the prompt logprobs of the rows that ask (prefill, so eager)
         if graph_rows is None:
-            logits = self.model.compute_logits(self._run_eager(batch))
+            hidden = self._run_eager(batch)
+            logits = self.model.compute_logits(hidden[:rows])
+            if batch.prompt_spans:
+                plp = self._prompt_logprobs(hidden[rows:], batch)
         else:
             self._stage(batch, graph_rows)
             self.graphs[graph_rows].replay()
@@ -554,10 +569,10 @@ class ModelRunner:
         self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
         host = self.buffers.download(tokens)
         if host is tokens:  # a CPU: the step has run
-            return Launched(tokens, host, None, lp)
+            return Launched(tokens, host, None, lp, plp, batch.prompt_spans)
         done = torch.cuda.Event()
         done.record()
-        return Launched(tokens, host, done, lp)
+        return Launched(tokens, host, done, lp, plp, batch.prompt_spans)
 
     def collect(self, step: "Launched") -> list[int] | None:
         """Wait for a launched step; rank 0 gets one sampled token id per sequence, other ranks None."""
@@ -570,6 +585,18 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> list[int] | None:
         """Run one step; rank 0 returns one sampled token id per sequence, other ranks None."""
         return self.collect(self.launch(batch))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> tuple | None:
+        """compute_logprobs of the prompt positions (hidden: their states, in prompt_rows order), with
+        the prompt tokens they predict in the place of sampled ones; None on ranks > 0."""
+        targets = torch.tensor(batch.prompt_targets, device=hidden.device)
+        parts = []
+        for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(hidden[a : a + PROMPT_LOGITS_ROWS])  # every rank
+            if logits is not None:  # rank 0: the gathered logits
+                b = a + PROMPT_LOGITS_ROWS
+                parts.append(compute_logprobs(logits, targets[a:b], batch.num_prompt_logprobs))
+        return tuple(torch.cat(p) for p in zip(*parts)) if parts else None
 
     def _graph_body(self, rows: int) -> None:
         """What a decode graph records: the step's slots and context lengths, the model, then (one
@@ -615,6 +642,21 @@ class ModelRunner:
         self.input_batch.forget(dummy.seq_ids)  # a stand-in: no sequence of the engine
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# prompt positions whose logits exist at once: with a 152k-token vocabulary, 128 rows of logits,
+# their float32 log-softmax and its comparisons take ~0.2 GB, outside what the warm-up measured
+PROMPT_LOGITS_ROWS = 128
+
+
+def prompt_rows(batch: StepBatch) -> list[int]:
+    """Where the positions of batch.prompt_spans are among the batch's new tokens (flat rows)."""
+    rows = []
+    for i, first, count in batch.prompt_spans:
+        start = batch.cu_seqlens_q[i]  # the row's first new token, at position positions[start]
+        skip = first - batch.positions[start]  # its new tokens before the first asked position
+        rows.extend(range(start + skip, start + skip + count))
+    return rows
 
 
 def run_worker(config: Config, rank: int, port: int | None, conn) -> None:

@@ -110,8 +110,10 @@ def check_outputs(p) -> dict[int, float]:
         reject("best_of", p.best_of, f"must be None or n={p.n}: best_of > n is not supported")
     if p.logprobs is not None and not (is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
         reject("logprobs", p.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
-    if p.prompt_logprobs is not None:
-        reject("prompt_logprobs", p.prompt_logprobs, "prompt logprobs are not supported yet: None")
+    k = p.prompt_logprobs
+    if k is not None and not (is_int(k) and 0 <= k <= MAX_LOGPROBS):
+        reject("prompt_logprobs", k, f"must be None or an integer in [0, {MAX_LOGPROBS}] (vLLM's "
+               "-1, the whole vocabulary at every prompt position, is not supported)")  # fmt: skip
     if not isinstance(p.skip_special_tokens, bool):
         reject("skip_special_tokens", p.skip_special_tokens, "must be True or False")
     bias = {} if p.logit_bias is None else p.logit_bias

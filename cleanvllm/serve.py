@@ -47,7 +47,7 @@ from transformers import AutoTokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cleanvllm
-from cleanvllm.engine import LLMEngine, RequestOutput, check_text
+from cleanvllm.engine import LLMEngine, RequestOutput, check_text, message_text, template_options
 from cleanvllm.outputs import CompletionOutput
 from cleanvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -317,9 +317,8 @@ def logprobs_asked(body: SamplingRequest) -> int | None:
         name, k = "top_logprobs", (body.top_logprobs or 0) if body.logprobs else None
     else:
         name, k = "logprobs", getattr(body, "logprobs", None)
-        if k is not None and body.echo:  # the echoed prompt's tokens would need their logprobs
-            raise ValueError("echo with logprobs needs the prompt's logprobs (prompt_logprobs), "
-                             "which this server does not implement: drop echo or logprobs")  # fmt: skip
+        if k is not None and body.echo and body.stream:  # the prompt's logprobs: one reply
+            raise ValueError("echo with logprobs: only without stream (stream: false)")
     if k is not None and not 0 <= k <= MAX_LOGPROBS:
         raise ValueError(f"{name}={k}: must be an integer in [0, {MAX_LOGPROBS}]")
     return k
@@ -355,7 +354,14 @@ def check_fields(body: SamplingRequest) -> dict:
         raise ValueError(f"stream_options: unknown {unknown}; known: {list(STREAM_OPTIONS)}")
     if (k := logprobs_asked(body)) is not None:
         fields["logprobs"] = k
+        if getattr(body, "echo", False):  # the echoed prompt's tokens carry theirs (as vLLM)
+            fields["prompt_logprobs"] = k
     return fields
+
+
+def echo_only(body: SamplingRequest) -> bool:
+    """OpenAI's `echo` with `max_tokens: 0`: the prompt back (with its logprobs), no completion."""
+    return bool(getattr(body, "echo", False)) and body.max_tokens == 0
 
 
 def sampling_params(
@@ -374,6 +380,10 @@ def sampling_params(
         max_tokens = body.max_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens or room, room)
+    if echo_only(body):  # the engine draws one token, which the reply leaves out (as vLLM)
+        if body.stream:
+            raise ValueError("max_tokens=0 (echo alone): only without stream (stream: false)")
+        max_tokens = 1
     return SamplingParams(max_tokens=max_tokens, **fields)
 
 
@@ -863,6 +873,24 @@ async def prompt_ids(s: ServerState, body: CompletionRequest) -> tuple[list, lis
     return [list(p) if t is None else next(encoded) for p, t in zip(prompts, texts)], texts
 
 
+def completion_choice(s: ServerState, body, out: RequestOutput, i: int, echo, chunk, lp) -> dict:
+    """Choice i of a finished completion: the echoed prompt first if asked (its tokens' logprobs
+    too, None for the first), then the completion, none for echo alone."""
+    o, only = completion(out), echo_only(body)
+    ids, entries, text = ([], [], "") if only else (o.token_ids, o.logprobs, o.text)
+    lps = None  # every generated token, as vLLM: a cut stop string's too (offsets past the text)
+    if lp is not None and echo is None:
+        lps = lp(ids, entries, 0)
+    elif lp is not None:
+        first = s.tokenizer.decode(out.prompt_token_ids[:1])  # nothing predicts it: no logprob
+        ids, entries = out.prompt_token_ids[1:] + ids, out.prompt_logprobs[1:] + entries
+        rest = lp(ids, entries, len(first))
+        heads = {"tokens": first, "token_logprobs": None, "top_logprobs": None, "text_offset": 0}
+        lps = {key: [head, *rest[key]] for key, head in heads.items()}
+    finish, stop = ("length", None) if only else (o.finish_reason, o.stop_reason)
+    return chunk((echo[i] if echo else "") + text, finish, i, lps, stop)["choices"][0]
+
+
 @route("post", "/v1/completions")
 async def completions(request: Request):
     s: ServerState = request.app.state.server
@@ -883,35 +911,23 @@ async def completions(request: Request):
     if body.stream:
         return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo, logprobs=lp))
     outs = await final_outputs(s, handles, request)
-    choices = []
-    for i, o in enumerate(map(completion, outs)):
-        # every generated token, as vLLM: a cut stop string's too (their offsets past the text's end)
-        lps = None if lp is None else lp(o.token_ids, o.logprobs, 0)
-        text = (echo[i] if echo else "") + o.text
-        choices.append(chunk(text, o.finish_reason, i, lps, o.stop_reason)["choices"][0])
-    generated = sum(len(completion(o).token_ids) for o in outs)
+    choices = [completion_choice(s, body, out, i, echo, chunk, lp) for i, out in enumerate(outs)]
+    generated = 0 if echo_only(body) else sum(len(completion(o).token_ids) for o in outs)
     total = usage(sum(lens), generated, sum(o.num_cached_tokens for o in outs))
     return {**chunk("", None), "choices": choices, "usage": total}
 
 
 def chat_messages(s: ServerState, body: ChatRequest) -> list:
-    """The messages, content given as a list of parts joined into its text parts (a newline between
-    two, as vLLM joins them); a 400 for a part that is not text (an image: this engine reads text
-    only), for text that is not a string, and for a conversation too long to fit."""
+    """The messages, content given as a list of parts read by the engine's own `message_text`, as
+    LLM.chat reads them (text parts and bare strings joined with a newline, as vLLM joins them); a
+    400 naming the message for a part that is not text (an image: this engine reads text only),
+    and for a conversation too long to fit."""
     messages, chars = [], 0
     for i, m in enumerate(body.messages):
-        if isinstance(m.get("content"), list):
-            kinds = [
-                p.get("type") if isinstance(p, dict) else type(p).__name__ for p in m["content"]
-            ]
-            if any(k != "text" for k in kinds):
-                bad = next(k for k in kinds if k != "text")
-                raise APIError(400, f"messages.{i}.content: a part of type {bad!r} is not supported "
-                                    "(this engine reads text parts only)")  # fmt: skip
-            parts = [p.get("text") for p in m["content"]]
-            if not all(isinstance(t, str) for t in parts):
-                raise APIError(400, f"messages.{i}.content: a part's text must be a string")
-            m = {**m, "content": "\n".join(parts)}
+        try:
+            m = message_text(m, f"messages.{i}", "string")
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
         chars += len(m["content"]) if isinstance(m.get("content"), str) else 0
         messages.append(m)
     if len(messages) > s.max_model_len:  # every message takes at least one token
@@ -937,21 +953,17 @@ async def chat_ids(s: ServerState, body, add_special_tokens: bool = False) -> li
     tokens are added by default (vLLM's default): the template writes its own, and a tokenizer that
     adds a BOS would otherwise put a second one in front of the template's."""
     messages = chat_messages(s, body)
-    options = body.chat_template_kwargs or {}
-    if "chat_template" in options:
-        raise APIError(400, "chat_template_kwargs may not replace the checkpoint's chat_template")
-    turn = {
-        "add_generation_prompt": getattr(body, "add_generation_prompt", True),
-        "continue_final_message": getattr(body, "continue_final_message", False),
-    }
-    if set(turn) & set(options):
-        raise APIError(400, f"chat_template_kwargs may not set {sorted(set(turn) & set(options))}: "
-                            "they are the request's own fields")  # fmt: skip
-    if all(turn.values()):
-        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: "
-                            "continue the last message, or open a new assistant turn")  # fmt: skip
+    try:  # the engine's checks of LLM.chat's options: a request may ask what chat() may
+        options = template_options(
+            getattr(body, "add_generation_prompt", True),
+            getattr(body, "continue_final_message", False),
+            body.chat_template_kwargs,
+            None,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
     render = functools.partial(s.tokenizer.apply_chat_template, messages, tokenize=False,
-                               **turn, **options)  # fmt: skip
+                               **options)  # fmt: skip
     try:
         prompt = await s.off_loop(render)
     except Exception as e:

@@ -167,7 +167,7 @@ def test_logit_bias_keys_from_json_become_ints():
 BAD = [
     ("n", 0), ("n", True), ("n", 1.0), ("n", 2), ("best_of", 2), ("best_of", True), ("best_of", 0),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0), ("logprobs", "5"),
-    ("prompt_logprobs", 0), ("prompt_logprobs", 5),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", True), ("prompt_logprobs", 2.0),
     ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
     ("repetition_penalty", math.nan), ("repetition_penalty", True), ("repetition_penalty", "1.2"),
     ("presence_penalty", 2.01), ("presence_penalty", -2.5), ("presence_penalty", math.nan), ("presence_penalty", False),
@@ -189,8 +189,8 @@ def test_bad_values_are_refused_naming_the_field(field, value):
 def test_unsupported_fields_say_so():
     with pytest.raises(ValueError, match="n > 1 is not supported yet"):
         SamplingParams(n=4)
-    with pytest.raises(ValueError, match="not supported"):
-        SamplingParams(prompt_logprobs=1)
+    with pytest.raises(ValueError, match="-1, the whole vocabulary at every prompt position, is not supported"):
+        SamplingParams(prompt_logprobs=-1)
     with pytest.raises(ValueError, match="best_of"):
         SamplingParams(n=1, best_of=4)
 

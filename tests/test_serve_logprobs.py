@@ -196,7 +196,7 @@ def test_chat_logprobs_are_transformers_float64_log_softmax(server, hf64):
 def test_logprob_fields_that_cannot_work_are_400s_naming_them(server):
     url = server[0]
     for path, body, words in [
-        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, ["echo", "prompt_logprobs"]),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, ["echo", "stream"]),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, ["logprobs", "20"]),
         ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, ["top_logprobs", "logprobs: true"]),
         ("/v1/chat/completions", {"messages": CHAT, "logprobs": False, "top_logprobs": 2}, ["top_logprobs"]),

@@ -1,26 +1,29 @@
 """`make lm-eval`: lm-evaluation-harness against our server, each answer checked against transformers.
 
-    python tools/lm_eval_check.py [--model DIR] [--batch-size 4]
+    python tools/lm_eval_check.py [--model DIR] [--batch-size 4] [--tasks ...] [--replay]
 
 Starts `python -m cleanvllm.serve MODEL` (default: CLEANVLLM_MODEL, else SmolLM2, else the tiny
 checkpoint), then runs lm-eval's `local-completions` client on two tasks of ours that live in
 benchmarks/lm_eval/ (local YAML + JSONL: nothing is downloaded):
   - cleanvllm_choice, multiple choice: lm-eval sends each question+choice as token ids with
-    `echo` and `logprobs` and sums the choice's prompt logprobs (a loglikelihood task);
+    `echo: true, max_tokens: 1, logprobs: 1` and sums the choice's prompt logprobs (a loglikelihood
+    task; the server answers from the engine's prompt_logprobs);
   - cleanvllm_answer, generate until a newline, `--batch-size` prompts per request.
 Then it recomputes every loglikelihood with transformers in float64 on the CPU and every answer
 with transformers' greedy generate, and prints both beside lm-eval's. Exit 1 on a mismatch.
 
-Today the engine does not compute prompt logprobs (issue 23 leaves them for later), so the server
-refuses `echo` with `logprobs` with a 400 naming it, and the choice task fails there: the default
-is the generate-until task alone (`--tasks cleanvllm_choice,cleanvllm_answer` runs both).
-lm-eval itself is not a dependency of the course: `make lm-eval` installs it (the `eval` extra).
+lm-eval itself is not a dependency of the course: `make lm-eval` installs it (the `eval` extra,
+network needed). `--replay` needs no lm-eval: it sends the choice task's requests as lm-eval's
+`local-completions` builds them (its `_encode_pair` and `_create_payload(generate=False)`: one
+request per question, its choices batched) and reads the replies as its `parse_logprobs` does.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -36,6 +39,48 @@ def reference_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
         logits = model(ids).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
     return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a (context, continuation) request into token ids: trailing spaces of the
+    context move to the continuation; the continuation is what the whole adds to the context."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    ctx = tok.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx):]
+
+
+def replay_choice_task(url: str, tok, ref, atol: float) -> list[str]:
+    """Without lm-eval: cleanvllm_choice's loglikelihood requests as local-completions sends them
+    (the YAML's doc_to_text, lm-eval's default target delimiter " "), each score checked."""
+    import httpx
+
+    bad, right, worst, docs = [], 0, 0.0, (TASKS / "choice.jsonl").read_text().splitlines()
+    for doc in map(json.loads, docs):
+        context = f"Question: {doc['question']}\nAnswer:"
+        pairs = [encode_pair(tok, context, " " + c) for c in doc["choices"]]
+        payload = {"model": "model", "prompt": [c + x for c, x in pairs], "temperature": 0,
+                   "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+        r = httpx.post(url + "/v1/completions", json=payload, timeout=300)
+        if r.status_code != 200:
+            return [f"{doc['question']!r}: HTTP {r.status_code} {r.text[:200]}"]
+        scores = []
+        for choice, (ctx, cont) in zip(sorted(r.json()["choices"], key=itemgetter("index")), pairs):
+            ours = sum(choice["logprobs"]["token_logprobs"][len(ctx):-1])  # as parse_logprobs
+            theirs = reference_loglikelihood(ref, ctx, cont)
+            scores.append(ours)
+            worst = max(worst, abs(ours - theirs))
+            if abs(ours - theirs) > atol:
+                bad.append(f"{context!r} + {cont}: server {ours:.5f}, transformers {theirs:.5f}")
+        best = max(range(len(scores)), key=scores.__getitem__)
+        right += best == doc["answer"]
+        print(f"  {doc['question'][:40]:40s} " + " ".join(f"{x:8.3f}" for x in scores)
+              + f"  picks {best}, answer {doc['answer']}")
+    print(f"accuracy {right}/{len(docs)}; largest difference vs transformers float64 {worst:.2e} "
+          f"(tolerance {atol:g}): {len(bad)} beyond it")
+    return bad
 
 
 def reference_answer(model, tok, prompt: str, max_new: int) -> str:
@@ -57,8 +102,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a local checkpoint directory (default: as `make demo`)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--tasks", default="cleanvllm_answer", help="comma-separated, of "
-                    "cleanvllm_choice (loglikelihood: needs prompt logprobs) and cleanvllm_answer")
+    ap.add_argument("--tasks", default="cleanvllm_choice,cleanvllm_answer", help="comma-separated,"
+                    " of cleanvllm_choice (loglikelihood) and cleanvllm_answer (generate until)")
+    ap.add_argument("--replay", action="store_true", help="no lm-eval: send the choice task's "
+                    "requests as lm-eval's local-completions does, and check the scores")
     ap.add_argument("--atol", type=float, default=2e-3, help="loglikelihood tolerance vs float64")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("CLEANVLLM_THREADS", "1")))
@@ -66,8 +113,10 @@ def main() -> int:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        print("lm-eval is not installed: `make lm-eval` installs it (pip install -e '.[eval]')")
-        return 2
+        if not args.replay:
+            print("lm-eval is not installed: `make lm-eval` installs it (pip install -e '.[eval]'); "
+                  "--replay sends its loglikelihood requests without it")
+            return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cleanvllm.model_runner import free_port
@@ -82,6 +131,14 @@ def main() -> int:
     try:
         wait_ready(url, server, timeout=300)
         print(f"server: {model_dir} ({about}) at {url}", flush=True)
+        if args.replay:
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            ref = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+            print("cleanvllm_choice, lm-eval's requests replayed: each choice's score")
+            bad = replay_choice_task(url, tok, ref, args.atol)
+            for b in bad:
+                print("MISMATCH", b)
+            return 1 if bad else 0
         os.chdir(ROOT)  # the tasks' data_files are relative to the repository
         res = lm_eval.simple_evaluate(
             model="local-completions",
