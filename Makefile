@@ -14,7 +14,7 @@ CH ?=
 # This checkout's package comes first, also for notebook kernels started from here.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check wheelhouse lm-eval tiny clean workbook check reset
+.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check wheelhouse lm-eval lm-eval-replay tiny clean workbook check reset
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -98,6 +98,9 @@ gpu-check: ## on a GPU machine (GPU_PY, default python3): every chapter 3 ways, 
 lm-eval: setup ## lm-evaluation-harness (installed on first use) against the server [TASKS=], each answer checked against transformers
 	$(PY) -c "import lm_eval" 2>/dev/null || $(PY) -m pip install -q "lm-eval[api]>=0.4.8"
 	$(PY) tools/lm_eval_check.py $(if $(TASKS),--tasks $(TASKS),)
+
+lm-eval-replay: setup ## no lm-eval, no network: the multiple-choice task's loglikelihood requests as lm-eval sends them, each score checked against transformers
+	$(PY) tools/lm_eval_check.py --replay
 
 wheelhouse: ## download the wheels the lent GPU machine lacks (Python 3.12, x86-64) into .gpu/a, .gpu/b
 	$(PY) tools/gpu_check.py wheelhouse

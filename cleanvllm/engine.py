@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
 from cleanvllm.model_runner import Launched, ModelRunner, prepare_batch
 from cleanvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from cleanvllm.sampling_params import SamplingParams
+from cleanvllm.sampling_params import SEED_LIMIT, SamplingParams
 from cleanvllm.scheduler import PENDING, Scheduler
 from cleanvllm.sequence import Sequence
 from cleanvllm.stop_strings import StopMatcher, stop_matcher
@@ -285,6 +285,7 @@ class LLMEngine:
         self._generating, self._extras = set(), {}  # generate()'s ids; see _needs_tokens
         self.overlap = config.async_scheduling and self.workers is None  # which loop step() runs
         self.in_flight: list[InFlight] = []  # steps launched and not yet collected (overlap)
+        self.samples: dict[str, _Samples] = {}  # n > 1: each request's samples (step 9b)
 
     def _eos_ids(self) -> list[int]:
         """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
@@ -381,6 +382,8 @@ class LLMEngine:
 
     def _enqueue(self, req: _Request) -> str:
         """Record the request, then hand its sequence to the scheduler; return its id."""
+        if req.seq.sampling_params.n > 1:  # its other samples wait for its prompt (step 9b)
+            self._hold_samples(req)
         rid, sp = req.seq.request_id, req.seq.sampling_params
         self.requests[rid] = req  # first: an interrupt after this line loses nothing
         if sp.penalized or sp.logprobs is not None or sp.prompt_logprobs is not None:
@@ -398,6 +401,8 @@ class LLMEngine:
 
     def _abort(self, request_id: str) -> None:
         """End a request now and forget it; an unknown or finished id changes nothing."""
+        if request_id in self.samples:  # n > 1: its other samples end with it (step 9b)
+            self._abort_samples(request_id)
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
@@ -632,6 +637,8 @@ class LLMEngine:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
+        if self.samples:  # n > 1: samples start, and are reported as their requests (step 9b)
+            self._merge_samples(outputs)
         return list(outputs.values())
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -672,6 +679,59 @@ class LLMEngine:
             self._generating.difference_update(mine)
             bar.close()
         return results
+
+    def _hold_samples(self, req: _Request) -> None:
+        """n > 1: make and record the request's other samples (each an n=1 request; sample i has
+        seed + i, modulo 2**63); they go to the scheduler later, in _merge_samples."""
+        sp = req.seq.sampling_params
+        rest = []
+        for i in range(1, sp.n):
+            seed = None if sp.seed is None else (sp.seed + i) % SEED_LIMIT
+            sp_i = replace(sp, n=1, seed=seed, prompt_logprobs=None)
+            other = self.inputs.request(req.seq.prompt_token_ids, sp_i, i)
+            other.prompt = req.prompt
+            rest.append(other)
+        for other in rest:  # known before anything else: abort and recovery see them
+            self.requests[other.seq.request_id] = other
+        self.samples[req.seq.request_id] = _Samples([req, *rest], [None] * sp.n)
+
+    def _merge_samples(self, outputs: dict) -> None:
+        """Start the samples whose sample 0 has its prompt in the cache (or has ended); replace the
+        samples' outputs by one output per request, finished when every sample is."""
+        for rid, group in list(self.samples.items()):
+            first = group.reqs[0].seq
+            if group.waiting and (
+                first.num_cached_tokens >= first.num_prompt_tokens or first.is_finished
+            ):
+                group.waiting = False
+                for other in group.reqs[1:]:
+                    if not other.seq.is_finished:  # (aborted meanwhile)
+                        self._enqueue(other)
+            news = [outputs.pop(r.seq.request_id, None) for r in group.reqs]
+            if not any(news):
+                continue
+            for i, out in enumerate(news):
+                if out is not None:
+                    group.parts[i] = replace(out.outputs[0], index=i)
+            group.head = news[0] or group.head or self.outputs.output(group.reqs[0], "")
+            parts = [p or CompletionOutput(i, "", []) for i, p in enumerate(group.parts)]
+            done = all(p.finish_reason is not None for p in parts)
+            outputs[rid] = replace(group.head, outputs=parts, finished=done)
+            if done:
+                del self.samples[rid]
+
+    def _abort_samples(self, request_id: str) -> None:
+        """End a request's other samples (sample 0 ends as any request does). A generate() call that
+        waits for the request gets one last output with every sample, merged at the next step."""
+        waits = request_id in self._generating  # then each sample leaves its final output to merge
+        for other in self.samples[request_id].reqs[1:]:
+            rid = other.seq.request_id
+            if waits:
+                self._generating.add(rid)  # so that _abort leaves it
+            self._abort(rid)
+            self._generating.discard(rid)
+        if not waits:  # nobody waits for an output: forget the group now
+            del self.samples[request_id]
 
 
 def ids_outside(sp: SamplingParams, vocab: int) -> str | None:
@@ -720,6 +780,17 @@ def _sigint_deferred():
         previous(signal.SIGINT, None)
     elif caught and previous == signal.SIG_DFL:
         raise KeyboardInterrupt
+
+
+@dataclass
+class _Samples:
+    """n > 1: the requests that sample one prompt, reported as one. reqs[0] has the request's id
+    and runs at once; the others wait until its prompt is in the KV cache (waiting)."""
+
+    reqs: list[_Request]
+    parts: list[CompletionOutput | None]  # each sample's latest output, by index
+    head: RequestOutput | None = None  # sample 0's latest output: prompt, metrics
+    waiting: bool = True
 
 
 class LLM(LLMEngine):

@@ -538,7 +538,7 @@ class ModelRunner:
     def launch(self, batch: StepBatch) -> "Launched":
         """Start one step and return without waiting for the GPU; each sequence's token also stays on
         the device, in its row of buffers.last_token, where a later step reads it as PENDING."""
-        rows, tokens = batch.num_seqs, None
+        rows, tokens, logits = batch.num_seqs, None, None
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
         )
@@ -556,14 +556,16 @@ class ModelRunner:
                 logits = self.model.compute_logits(out.hidden[:rows])
             elif all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
                 tokens = out.tokens[:rows]  # the graph has sampled them already
+                if batch.num_logprobs is not None:  # and kept the raw logits they come from
+                    logits = out.logits[:rows]
             else:
                 logits = out.logits[:rows]
         if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
             return Launched(None, None)
-        if tokens is None:
+        if tokens is None:  # not sampled in a graph
             eos = self.config.eos_token_ids
             tokens = sample(logits, batch.params, batch.num_generated, eos, batch.token_ids)
-        lp = None  # a row that asks for logprobs is not plain: its logits are here
+        lp = None  # of the raw logits, however the tokens were sampled
         if batch.num_logprobs is not None and logits is not None:
             lp = compute_logprobs(logits, tokens, batch.num_logprobs)
         self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
@@ -659,8 +661,15 @@ def prompt_rows(batch: StepBatch) -> list[int]:
     return rows
 
 
-def run_worker(config: Config, rank: int, port: int | None, conn) -> None:
-    """A tensor-parallel rank > 0: build the runner, report, then run steps until None or EOF."""
+def run_worker(
+    config: Config, rank: int, port: int | None, conn, threads: int | None = None
+) -> None:
+    """A tensor-parallel rank > 0: build the runner, report, then run steps until None or EOF.
+    threads: rank 0's CPU thread count. A spawned process would otherwise take every core and,
+    beside rank 0 on one thread on a busy machine, run many times slower than the rank that waits
+    for it at every collective."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
     runner = None

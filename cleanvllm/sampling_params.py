@@ -96,6 +96,7 @@ def check_stopping(p) -> tuple[list[str], list[int]]:
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: alternatives per token a request may ask for
+MAX_N = 128  # completions per request, as OpenAI's API allows
 MAX_BIAS = 100.0  # a logit bias lies in [-100, 100], OpenAI's range
 MAX_BIASED_TOKENS = 1024  # entries in one request's logit_bias (every step applies them)
 
@@ -104,8 +105,8 @@ def check_outputs(p) -> dict[int, float]:
     """n, best_of, logprobs, prompt_logprobs, skip_special_tokens; returns logit_bias as a dict."""
     if not is_int(p.n) or p.n < 1:
         reject("n", p.n, "must be an integer >= 1")
-    if p.n > 1:
-        reject("n", p.n, "n > 1 is not supported yet: send n requests (seeded, to reproduce them)")
+    if p.n > MAX_N:
+        reject("n", p.n, f"must be at most {MAX_N} (each sample is a sequence of its own)")
     if p.best_of is not None and not (is_int(p.best_of) and p.best_of == p.n):
         reject("best_of", p.best_of, f"must be None or n={p.n}: best_of > n is not supported")
     if p.logprobs is not None and not (is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
@@ -176,11 +177,11 @@ class SamplingParams:
 
     @property
     def simple(self) -> bool:
-        """Temperature only: no filter, penalty, bias or seed, no logprobs (a CUDA graph samples it).
+        """Temperature only, no filter, penalty, bias or seed: a CUDA graph can sample it.
         Worked out once: the model runner asks at every step, for every sequence."""
         if (simple := self.__dict__.get("_simple")) is None:
             filters = self.top_k != -1 or self.top_p != 1 or self.min_p != 0 or self.seed is not None
-            simple = not (filters or self.penalized or self.logit_bias or self.logprobs is not None)
+            simple = not (filters or self.penalized or self.logit_bias)
             self.__dict__["_simple"] = simple  # past __setattr__, which would drop it again
         return simple
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h11
 import httpx
@@ -238,6 +238,7 @@ class SamplingRequest(BaseModel):
     top_p: Number | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
+    n: StrictInt | None = None  # completions of each prompt: choice i * n + j
     stream: bool = False
     stream_options: dict | None = None  # include_usage, continuous_usage_stats: token counts
     top_k: StrictInt | None = None  # vLLM's extra fields from here on
@@ -279,14 +280,15 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "seed": "seed", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "stop": "stop",
     "stop_token_ids": "stop_token_ids", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+    "n": "n", "best_of": "best_of",  # SamplingParams: n at most 128, best_of only = n
     "logit_bias": "logit_bias",  # OpenAI's keys are strings ("50"): SamplingParams reads them
     "skip_special_tokens": "skip_special_tokens",
     "include_stop_str_in_output": "include_stop_str_in_output",
     # read by the endpoints that have them (logprobs, top_logprobs: see logprobs_asked; echo)
     "logprobs": Refused((None, False)), "top_logprobs": Refused(), "echo": Refused((None, False)),
     "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
-    # not implemented (yet): one choice, no prompt logprobs, no structured output
-    "n": Refused((None, 1)), "best_of": Refused((None, 1)), "use_beam_search": Refused((None, False)),
+    # not implemented (yet): no beam search, no structured output
+    "use_beam_search": Refused((None, False)),
     "prompt_logprobs": Refused(), "length_penalty": Refused((None, 1)),
     "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
     "suffix": Refused((None, "")), "response_format": Refused((None, {"type": "text"})),
@@ -674,7 +676,8 @@ class Metrics:
 
     def output(self, h: Handle, out: RequestOutput) -> None:
         now, done = time.perf_counter(), completion(out)
-        new = len(done.token_ids) - h.tokens_seen
+        seen = sum(len(c.token_ids) for c in out.outputs)  # n > 1: every sample's
+        new = seen - h.tokens_seen
         if new > 0 and h.tokens_seen == 0:
             self.ttft.observe(now - h.arrival)
             self.prompt_tokens.inc(len(out.prompt_token_ids))
@@ -682,7 +685,7 @@ class Metrics:
             self.itl.observe((now - h.last_token) / new)
         if new > 0:
             self.generation_tokens.inc(new)
-            h.tokens_seen, h.last_token = len(done.token_ids), now
+            h.tokens_seen, h.last_token = seen, now
         if out.finished:
             self.e2e.observe(now - h.arrival)
             self.success.labels(self.model_name, done.finish_reason).inc()
@@ -766,32 +769,51 @@ async def merged(engine: AsyncEngine, handles: list[Handle]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def by_choice(outputs, n: int):
+    """(choice, output) pairs from merged()'s (request, output) pairs: choice i * n + j is sample j
+    of request i, alone in its output, passed on when that sample changed. Closing it closes
+    `outputs` (which aborts the unfinished requests)."""
+    async with contextlib.aclosing(outputs):
+        if n == 1:
+            async for item in outputs:
+                yield item
+            return
+        last = {}
+        async for i, out in outputs:
+            for j, c in enumerate(out.outputs):
+                key, now = i * n + j, (len(c.token_ids), len(c.text), c.finish_reason)
+                if last.get(key) != now:
+                    last[key] = now
+                    yield key, replace(out, outputs=[c], finished=c.finish_reason is not None)
+
+
 async def event_stream(s: ServerState, handles: list[Handle], body, prompt_tokens: list[int],
-                       chunk, head=None, echo: list[str] | None = None, logprobs=None):  # fmt: skip
+                       chunk, head=None, echo: list[str] | None = None, logprobs=None,
+                       n: int = 1):  # fmt: skip
     """Events: each choice's text as it grows (with its tokens' logprobs if asked), its finish
-    reason, usage if asked, [DONE]."""
-    sent, counts = [None] * len(handles), [0] * len(handles)  # None: nothing sent yet
-    cached = [None] * len(handles)  # the prompt tokens the prefix cache held, once known
-    listed = [Listed() for _ in handles] if logprobs else []  # tokens whose logprobs went out
+    reason, usage if asked, [DONE]. n: samples per prompt (choice i is prompt i // n's)."""
+    sent, counts = [None] * (len(handles) * n), [0] * (len(handles) * n)  # None: nothing sent yet
+    cached = [None] * (len(handles) * n)  # the prompt tokens the prefix cache held, once known
+    listed = [Listed() for _ in sent] if logprobs else []  # tokens whose logprobs went out
     options = body.stream_options  # as vLLM: given at all, it means include_usage unless false
     total = options is not None and options.get("include_usage", True) is not False
     each = total and options.get("continuous_usage_stats")  # usage in every chunk
     if head is not None:
         yield sse({**head, "usage": usage(prompt_tokens[0], 0)} if each else head)
     try:
-        async with contextlib.aclosing(merged(s.engine, handles)) as outputs:
+        async with contextlib.aclosing(by_choice(merged(s.engine, handles), n)) as outputs:
             async for i, out in outputs:
                 done = completion(out)
                 delta = done.text[len(sent[i] or "") :]
                 if sent[i] is None and echo:  # the prompt's text comes first, once
-                    delta = echo[i] + delta
+                    delta = echo[i // n] + delta
                 counts[i], cached[i] = len(done.token_ids), out.num_cached_tokens
                 if delta or out.finished:
                     sent[i] = done.text
                     lp = None if logprobs is None else logprobs(*listed[i].take(done, out.finished))
                     event = chunk(delta, done.finish_reason, i, lp, done.stop_reason)
                     yield sse(
-                        {**event, "usage": usage(prompt_tokens[i], counts[i], cached[i])}
+                        {**event, "usage": usage(prompt_tokens[i // n], counts[i], cached[i])}
                         if each else event
                     )  # fmt: skip
     except Exception as e:  # the engine failed or is shutting down: say so in the stream
@@ -800,17 +822,19 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
         yield sse({"error": {"message": str(e), "type": kind, "code": code}})
     else:
         if total:
-            counted = usage(sum(prompt_tokens), sum(counts), sum(c or 0 for c in cached))
+            counted = usage(sum(prompt_tokens), sum(counts), sum(c or 0 for c in cached[::n]))
             yield sse({**chunk("", None), "choices": [], "usage": counted})
     yield sse("[DONE]")
 
 
-async def final_outputs(s: ServerState, handles: list[Handle], request: Request) -> list:
-    """Each request's last output; if the client hangs up first, the requests are aborted."""
+async def final_outputs(
+    s: ServerState, handles: list[Handle], request: Request, n: int = 1
+) -> list:
+    """Each choice's last output (n per request); if the client hangs up first, the requests are aborted."""
 
     async def last() -> list[RequestOutput]:
-        outs = [None] * len(handles)
-        async with contextlib.aclosing(merged(s.engine, handles)) as outputs:
+        outs = [None] * (len(handles) * n)
+        async with contextlib.aclosing(by_choice(merged(s.engine, handles), n)) as outputs:
             async for i, out in outputs:
                 outs[i] = out
         return outs
@@ -904,16 +928,17 @@ async def completions(request: Request):
         todo = [x for t, x in zip(texts, ids) if t is None]
         decoded = iter(await s.off_loop(s.tokenizer.batch_decode, todo) if todo else [])
         texts = [next(decoded) if t is None else t for t in texts]
-    handles = await s.engine.add_many(ids, params)
+    handles, n = await s.engine.add_many(ids, params), body.n or 1
     chunk = completion_chunk(f"cmpl-{handles[0].request_id}", s.model_name, int(time.time()))
     echo, lens = texts if body.echo else None, [len(x) for x in ids]
     lp = None if body.logprobs is None else completion_logprobs
     if body.stream:
-        return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo, logprobs=lp))
-    outs = await final_outputs(s, handles, request)
+        return EventStream(event_stream(s, handles, body, lens, chunk, echo=echo, logprobs=lp, n=n))
+    outs = await final_outputs(s, handles, request, n)  # choice i: sample i % n of prompt i // n
+    echo = None if echo is None else [e for e in echo for _ in range(n)]
     choices = [completion_choice(s, body, out, i, echo, chunk, lp) for i, out in enumerate(outs)]
     generated = 0 if echo_only(body) else sum(len(completion(o).token_ids) for o in outs)
-    total = usage(sum(lens), generated, sum(o.num_cached_tokens for o in outs))
+    total = usage(sum(lens), generated, sum(o.num_cached_tokens for o in outs[::n]))
     return {**chunk("", None), "choices": choices, "usage": total}
 
 
@@ -980,20 +1005,22 @@ async def chat_completions(request: Request):
     k = check_fields(body).get("logprobs")
     ids = await chat_ids(s, body)
     params = sampling_params(body, len(ids), s.max_model_len, default_max_tokens=None)
-    h = await s.engine.add(ids, params)
+    h, n = await s.engine.add(ids, params), body.n or 1
     chunk = chat_chunk(f"chatcmpl-{h.request_id}", s.model_name, int(time.time()))
     lp = None if k is None else functools.partial(chat_logprobs, k=k)
     if body.stream:
         head = chunk(None, None, role="assistant")
-        return EventStream(event_stream(s, [h], body, [len(ids)], chunk, head, logprobs=lp))
-    (out,) = await final_outputs(s, [h], request)
-    done = completion(out)
-    message = {"role": "assistant", "content": done.text}
-    lps = None if lp is None else lp(done.token_ids, done.logprobs)  # every generated token
-    choice = {"index": 0, "message": message, "logprobs": lps, "finish_reason": done.finish_reason,
-              "stop_reason": done.stop_reason}  # fmt: skip
-    reply = {**chunk(None, None), "object": "chat.completion", "choices": [choice]}
-    return {**reply, "usage": usage(len(ids), len(done.token_ids), out.num_cached_tokens)}
+        return EventStream(event_stream(s, [h], body, [len(ids)], chunk, head, logprobs=lp, n=n))
+    outs, choices = await final_outputs(s, [h], request, n), []
+    for i, out in enumerate(outs):
+        done = completion(out)
+        message = {"role": "assistant", "content": done.text}
+        lps = None if lp is None else lp(done.token_ids, done.logprobs)  # every generated token
+        choices.append({"index": i, "message": message, "logprobs": lps,
+                        "finish_reason": done.finish_reason, "stop_reason": done.stop_reason})  # fmt: skip
+    reply = {**chunk(None, None), "object": "chat.completion", "choices": choices}
+    generated = sum(len(completion(o).token_ids) for o in outs)
+    return {**reply, "usage": usage(len(ids), generated, outs[0].num_cached_tokens)}
 
 
 def floor(logprob: float) -> float:

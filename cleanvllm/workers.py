@@ -27,14 +27,6 @@ class _SaysAlive:
         return (operator.itemgetter(0), ((self.conn,),), alive, None, None, type(self.conn).send)
 
 
-def _rank_main(threads: int, *args) -> None:
-    """A worker process: rank 0's CPU thread count, then run_worker(*args). A spawned process would
-    otherwise take every core; beside rank 0 on one thread, on a busy machine, it runs many times
-    slower than rank 0, which waits for it at every collective."""
-    torch.set_num_threads(threads)
-    run_worker(*args)
-
-
 class Workers:
     """Ranks 1..N-1 in worker processes, watched: one that dies, fails or stays stopped is named."""
 
@@ -45,16 +37,14 @@ class Workers:
         self.stepper: int | None = None  # the native id of the thread that runs rank 0's steps
         self.error: RuntimeError | None = None  # the first failure found, kept
         self.port, ctx = free_port(), mp.get_context("spawn")
-        threads = torch.get_num_threads()  # every rank alike: see _rank_main
+        threads = torch.get_num_threads()  # every rank alike (see run_worker)
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited
         try:
             for rank in range(1, config.tensor_parallel_size):
                 parent, child = ctx.Pipe()
-                args = (config, rank, self.port, _SaysAlive(child))
-                self.procs.append(
-                    ctx.Process(target=_rank_main, args=(threads, *args), daemon=True)
-                )
+                args = (config, rank, self.port, _SaysAlive(child), threads)
+                self.procs.append(ctx.Process(target=run_worker, args=args, daemon=True))
                 self.procs[-1].start()
                 child.close()
                 self.conns.append(parent)

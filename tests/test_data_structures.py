@@ -312,7 +312,7 @@ def test_stop_token_ids_keep_the_first_of_each_in_order():
 def test_simple_follows_every_field_change():
     sp = SamplingParams(temperature=0.5)
     assert sp.simple
-    for field, value in [("top_k", 3), ("top_p", 0.5), ("min_p", 0.1), ("seed", 1), ("logprobs", 0),
+    for field, value in [("top_k", 3), ("top_p", 0.5), ("min_p", 0.1), ("seed", 1),
                          ("presence_penalty", 0.1), ("logit_bias", {1: 1.0})]:
         old = getattr(sp, field)
         setattr(sp, field, value)

@@ -189,7 +189,7 @@ def test_errors_get_openai_json_and_the_right_status(server):
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", extra_body={"top_k": -2})),
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi " * MAX_MODEL_LEN)),  # too long
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", max_tokens=MAX_MODEL_LEN)),
-        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", n=2)),
+        (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", n=129)),  # over 128 completions
         (openai.BadRequestError, 400, dict(model=NAME, prompt="hi", stream=True, temperature=-1)),
     ]
     for cls, status, kwargs in cases:

@@ -119,16 +119,22 @@ def test_a_worker_that_dies_at_start_up_fails_fast_naming_the_cause(tmp_path, ti
     assert took < 60, f"took {took:.0f} s"
 
 
-def test_a_worker_process_runs_with_rank_0s_cpu_threads(monkeypatch):
+def test_a_worker_runs_with_rank_0s_cpu_threads(tiny_model):
     """Found on an H100 machine (16 cores, 12 notebooks side by side): a spawned worker took every
     core while rank 0 ran on one, ran many times slower on the busy machine, and the watchdog killed
-    it as hung. The worker's entry sets rank 0's count before it runs the rank."""
-    import cleanvllm.workers as workers
+    it as hung. Workers hand run_worker rank 0's thread count, which it sets first."""
+    import multiprocessing as mp
 
-    seen, before = [], torch.get_num_threads()
-    monkeypatch.setattr(workers, "run_worker", lambda *args: seen.append((torch.get_num_threads(), args)))
-    try:
-        workers._rank_main(3, "config", 1, 1234, "conn")
-    finally:
+    from cleanvllm.config import Config
+    from cleanvllm.model_runner import run_worker
+
+    before, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    ours, theirs = mp.Pipe()
+    try:  # a rank that cannot join its group fails at once, after setting its threads
+        run_worker(Config(tiny_model, tensor_parallel_size=2, **KW), 1, None, theirs, before + 2)
+        assert torch.get_num_threads() == before + 2
+        kind, text = ours.recv()
+        assert kind == "error" and "dist_port" in text
+    finally:  # run_worker ignores Ctrl-C (rank 0's to handle): give pytest its handler back
         torch.set_num_threads(before)
-    assert seen == [(3, ("config", 1, 1234, "conn"))]
+        signal.signal(signal.SIGINT, handler)

@@ -54,13 +54,14 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 
 def replay_choice_task(url: str, tok, ref, atol: float) -> list[str]:
     """Without lm-eval: cleanvllm_choice's loglikelihood requests as local-completions sends them
-    (the YAML's doc_to_text, lm-eval's default target delimiter " "), each score checked."""
+    (the YAML's doc_to_text and target_delimiter "": each choice has its own leading space), each
+    score checked."""
     import httpx
 
     bad, right, worst, docs = [], 0, 0.0, (TASKS / "choice.jsonl").read_text().splitlines()
     for doc in map(json.loads, docs):
         context = f"Question: {doc['question']}\nAnswer:"
-        pairs = [encode_pair(tok, context, " " + c) for c in doc["choices"]]
+        pairs = [encode_pair(tok, context, c) for c in doc["choices"]]
         payload = {"model": "model", "prompt": [c + x for c, x in pairs], "temperature": 0,
                    "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
         r = httpx.post(url + "/v1/completions", json=payload, timeout=300)
