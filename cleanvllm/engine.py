@@ -695,6 +695,19 @@ class LLMEngine:
             self.requests[other.seq.request_id] = other
         self.samples[req.seq.request_id] = _Samples([req, *rest], [None] * sp.n)
 
+    def _abort_samples(self, request_id: str) -> None:
+        """End a request's other samples (sample 0 ends as any request does). A generate() call that
+        waits for the request gets one last output with every sample, merged at the next step."""
+        waits = request_id in self._generating  # then each sample leaves its final output to merge
+        for other in self.samples[request_id].reqs[1:]:
+            rid = other.seq.request_id
+            if waits:
+                self._generating.add(rid)  # so that _abort leaves it
+            self._abort(rid)
+            self._generating.discard(rid)
+        if not waits:  # nobody waits for an output: forget the group now
+            del self.samples[request_id]
+
     def _merge_samples(self, outputs: dict) -> None:
         """Start the samples whose sample 0 has its prompt in the cache (or has ended); replace the
         samples' outputs by one output per request, finished when every sample is."""
@@ -719,19 +732,6 @@ class LLMEngine:
             outputs[rid] = replace(group.head, outputs=parts, finished=done)
             if done:
                 del self.samples[rid]
-
-    def _abort_samples(self, request_id: str) -> None:
-        """End a request's other samples (sample 0 ends as any request does). A generate() call that
-        waits for the request gets one last output with every sample, merged at the next step."""
-        waits = request_id in self._generating  # then each sample leaves its final output to merge
-        for other in self.samples[request_id].reqs[1:]:
-            rid = other.seq.request_id
-            if waits:
-                self._generating.add(rid)  # so that _abort leaves it
-            self._abort(rid)
-            self._generating.discard(rid)
-        if not waits:  # nobody waits for an output: forget the group now
-            del self.samples[request_id]
 
 
 def ids_outside(sp: SamplingParams, vocab: int) -> str | None:

@@ -554,12 +554,10 @@ class ModelRunner:
             out = self.graph_outputs
             if out.tokens is None:  # tensor parallel: logits are gathered outside the graph
                 logits = self.model.compute_logits(out.hidden[:rows])
-            elif all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
-                tokens = out.tokens[:rows]  # the graph has sampled them already
-                if batch.num_logprobs is not None:  # and kept the raw logits they come from
-                    logits = out.logits[:rows]
-            else:
+            else:  # one rank: the graph sampled every row and kept the raw logits (for logprobs)
                 logits = out.logits[:rows]
+                if all(is_plain(p, k) for p, k in zip(batch.params, batch.num_generated)):
+                    tokens = out.tokens[:rows]  # temperature only: the graph's tokens are right
         if tokens is None and logits is None:  # rank > 0: rank 0 gathered the logits and samples
             return Launched(None, None)
         if tokens is None:  # not sampled in a graph
