@@ -438,6 +438,10 @@ def measurements(py: str, env: dict, logs: Path, qwen: str, args) -> list[dict]:
         ("serving", [py, "-m", "cleanvllm.serve", qwen, "--bench", "--request-rates", args.rates,
                      "--out", str(b / "last_serve.json")], b / "last_serve.json"),
     ]
+    if args.measure:  # a short call: only these (benchmark, logprobs, profile, sweep, serving)
+        keep = {"logprobs": "benchmark logprobs=5"}
+        names = {keep.get(m, m) for m in args.measure.split(",")}
+        steps = [s for s in steps if s[0] in names]
     rows = []
     for name, cmd, out in steps:
         if out.exists():
@@ -610,6 +614,7 @@ def main() -> int:
     r.add_argument("--only", help="these chapters only, comma-separated (07,08); 'tests' adds the GPU tests")
     r.add_argument("--ways", help="of default,Qwen3-0.6B,solutions: these only (default: all three)")
     r.add_argument("--skip-bench", action="store_true", help="chapters and tests only")
+    r.add_argument("--measure", help="of benchmark,logprobs,profile,sweep,serving: these only")
     e = sub.add_parser("execute", help="there: run one notebook, keeping its printed text (shown.txt)")
     e.add_argument("notebook")
     args = ap.parse_args()
