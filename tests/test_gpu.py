@@ -117,3 +117,28 @@ def test_warmup_measures_activations_on_the_configured_backend(tiny_model):
         assert workspace > 0 and set(seen) == {r.config.attention_backend} != {"torch"}
     finally:
         r.release()
+
+
+def test_logprobs_through_the_decode_graphs_match_eager_and_transformers(tiny_model, hf_model):
+    """A request with logprobs is sampled inside the decode graph (it is `simple`), its logprobs
+    computed from the logits the graph keeps: the same tokens and logprobs as with enforce_eager,
+    and the sampled token's logprob equal to transformers' float32 log-softmax."""
+    ps = _prompts([5, 23])
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    outs = {}
+    for eager in (False, True):
+        with LLM(tiny_model, enforce_eager=eager, max_model_len=256, dtype="float32") as llm:
+            assert bool(llm.runner.graphs) != eager
+            outs[eager] = llm.generate(ps, sp, use_tqdm=False)
+    for graph, eager, p in zip(outs[False], outs[True], ps):
+        g, e = graph.outputs[0], eager.outputs[0]
+        assert g.token_ids == e.token_ids
+        for a, b in zip(g.logprobs, e.logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+        ids = torch.tensor([p + g.token_ids[:-1]])
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(ids).logits[0].float(), -1)[len(p) - 1 :]
+        want = ref.gather(1, torch.tensor(g.token_ids)[:, None])[:, 0].tolist()
+        got = [entry[t].logprob for entry, t in zip(g.logprobs, g.token_ids)]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 1e-3

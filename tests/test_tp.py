@@ -138,3 +138,4 @@ def test_a_worker_runs_with_rank_0s_cpu_threads(tiny_model):
     finally:  # run_worker ignores Ctrl-C (rank 0's to handle): give pytest its handler back
         torch.set_num_threads(before)
         signal.signal(signal.SIGINT, handler)
+
