@@ -246,6 +246,7 @@ class SamplingRequest(BaseModel):
     min_tokens: StrictInt | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[StrictInt] | None = None
+    prompt_logprobs: StrictInt | None = None  # each prompt token's logprob, the k most likely
 
 
 class CompletionRequest(SamplingRequest):
@@ -289,7 +290,7 @@ REQUEST_FIELDS: dict[str, str | Refused] = {
     "add_generation_prompt": Refused((None, True)), "continue_final_message": Refused((None, False)),
     # not implemented (yet): no beam search, no structured output
     "use_beam_search": Refused((None, False)),
-    "prompt_logprobs": Refused(), "length_penalty": Refused((None, 1)),
+    "length_penalty": Refused((None, 1)),
     "allowed_token_ids": Refused(), "bad_words": Refused((None, [])),
     "suffix": Refused((None, "")), "response_format": Refused((None, {"type": "text"})),
     "tools": NO_TOOLS, "functions": NO_TOOLS,  # without tools, a tool choice changes nothing:
@@ -319,8 +320,6 @@ def logprobs_asked(body: SamplingRequest) -> int | None:
         name, k = "top_logprobs", (body.top_logprobs or 0) if body.logprobs else None
     else:
         name, k = "logprobs", getattr(body, "logprobs", None)
-        if k is not None and body.echo and body.stream:  # the prompt's logprobs: one reply
-            raise ValueError("echo with logprobs: only without stream (stream: false)")
     if k is not None and not 0 <= k <= MAX_LOGPROBS:
         raise ValueError(f"{name}={k}: must be an integer in [0, {MAX_LOGPROBS}]")
     return k
@@ -356,8 +355,12 @@ def check_fields(body: SamplingRequest) -> dict:
         raise ValueError(f"stream_options: unknown {unknown}; known: {list(STREAM_OPTIONS)}")
     if (k := logprobs_asked(body)) is not None:
         fields["logprobs"] = k
-        if getattr(body, "echo", False):  # the echoed prompt's tokens carry theirs (as vLLM)
-            fields["prompt_logprobs"] = k
+    if body.prompt_logprobs is not None:  # vLLM's field: they come in the reply, beside the choices
+        if body.stream:
+            raise ValueError("prompt_logprobs: only without stream (stream: false), as in vLLM")
+        fields["prompt_logprobs"] = body.prompt_logprobs  # SamplingParams checks the value
+    elif k is not None and getattr(body, "echo", False):  # the echoed prompt's tokens carry theirs
+        fields["prompt_logprobs"] = k
     return fields
 
 
@@ -795,6 +798,7 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
     sent, counts = [None] * (len(handles) * n), [0] * (len(handles) * n)  # None: nothing sent yet
     cached = [None] * (len(handles) * n)  # the prompt tokens the prefix cache held, once known
     listed = [Listed() for _ in sent] if logprobs else []  # tokens whose logprobs went out
+    heads = {}  # choice -> the echoed prompt's logprobs, sent with its text
     options = body.stream_options  # as vLLM: given at all, it means include_usage unless false
     total = options is not None and options.get("include_usage", True) is not False
     each = total and options.get("continuous_usage_stats")  # usage in every chunk
@@ -807,10 +811,13 @@ async def event_stream(s: ServerState, handles: list[Handle], body, prompt_token
                 delta = done.text[len(sent[i] or "") :]
                 if sent[i] is None and echo:  # the prompt's text comes first, once
                     delta = echo[i // n] + delta
+                    if logprobs:  # its tokens' logprobs too; the completion's offsets come after
+                        heads[i], listed[i].base = echoed_logprobs(s.tokenizer, out, logprobs)
                 counts[i], cached[i] = len(done.token_ids), out.num_cached_tokens
                 if delta or out.finished:
                     sent[i] = done.text
                     lp = None if logprobs is None else logprobs(*listed[i].take(done, out.finished))
+                    lp = joined(heads.pop(i), lp) if i in heads else lp
                     event = chunk(delta, done.finish_reason, i, lp, done.stop_reason)
                     yield sse(
                         {**event, "usage": usage(prompt_tokens[i // n], counts[i], cached[i])}
@@ -897,22 +904,36 @@ async def prompt_ids(s: ServerState, body: CompletionRequest) -> tuple[list, lis
     return [list(p) if t is None else next(encoded) for p, t in zip(prompts, texts)], texts
 
 
+def echoed_logprobs(tokenizer, out: RequestOutput, lp) -> tuple[dict, int]:
+    """The echoed prompt's legacy logprobs (the first token's null: nothing predicts it) and the
+    length of their text, where the completion's tokens start."""
+    first = tokenizer.decode(out.prompt_token_ids[:1])
+    rest = lp(out.prompt_token_ids[1:], out.prompt_logprobs[1:], len(first))
+    heads = {"tokens": first, "token_logprobs": None, "top_logprobs": None, "text_offset": 0}
+    chars = len(first) + sum(map(len, rest["tokens"]))
+    return {key: [head, *rest[key]] for key, head in heads.items()}, chars
+
+
+def joined(a: dict, b: dict) -> dict:
+    """Two legacy logprobs lists, one after the other."""
+    return {key: a[key] + b[key] for key in a}
+
+
 def completion_choice(s: ServerState, body, out: RequestOutput, i: int, echo, chunk, lp) -> dict:
     """Choice i of a finished completion: the echoed prompt first if asked (its tokens' logprobs
-    too, None for the first), then the completion, none for echo alone."""
+    too, None for the first), then the completion, none for echo alone; vLLM's prompt_logprobs."""
     o, only = completion(out), echo_only(body)
     ids, entries, text = ([], [], "") if only else (o.token_ids, o.logprobs, o.text)
     lps = None  # every generated token, as vLLM: a cut stop string's too (offsets past the text)
-    if lp is not None and echo is None:
-        lps = lp(ids, entries, 0)
-    elif lp is not None:
-        first = s.tokenizer.decode(out.prompt_token_ids[:1])  # nothing predicts it: no logprob
-        ids, entries = out.prompt_token_ids[1:] + ids, out.prompt_logprobs[1:] + entries
-        rest = lp(ids, entries, len(first))
-        heads = {"tokens": first, "token_logprobs": None, "top_logprobs": None, "text_offset": 0}
-        lps = {key: [head, *rest[key]] for key, head in heads.items()}
+    if lp is not None:
+        head, base = echoed_logprobs(s.tokenizer, out, lp) if echo else (None, 0)
+        lps = lp(ids, entries, base)
+        lps = lps if head is None else joined(head, lps)
     finish, stop = ("length", None) if only else (o.finish_reason, o.stop_reason)
-    return chunk((echo[i] if echo else "") + text, finish, i, lps, stop)["choices"][0]
+    choice = chunk((echo[i] if echo else "") + text, finish, i, lps, stop)["choices"][0]
+    if body.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_logprobs(out.prompt_logprobs)
+    return choice
 
 
 @route("post", "/v1/completions")
@@ -1019,6 +1040,8 @@ async def chat_completions(request: Request):
         choices.append({"index": i, "message": message, "logprobs": lps,
                         "finish_reason": done.finish_reason, "stop_reason": done.stop_reason})  # fmt: skip
     reply = {**chunk(None, None), "object": "chat.completion", "choices": choices}
+    if body.prompt_logprobs is not None:  # vLLM's field: one list, beside the choices
+        reply["prompt_logprobs"] = vllm_logprobs(outs[0].prompt_logprobs)
     generated = sum(len(completion(o).token_ids) for o in outs)
     return {**reply, "usage": usage(len(ids), generated, outs[0].num_cached_tokens)}
 
@@ -1037,6 +1060,15 @@ def completion_logprobs(token_ids: list[int], entries: list[dict], offset: int =
         out["text_offset"].append(offset)
         offset += len(entry[t].decoded_token)
     return out
+
+
+def vllm_logprobs(entries: list[dict | None]) -> list[dict | None]:
+    """vLLM's JSON form of RequestOutput.prompt_logprobs: per token, None or {id: its Logprob}."""
+    return [
+        None if e is None else {t: {"logprob": floor(x.logprob), "rank": x.rank,
+                                    "decoded_token": x.decoded_token} for t, x in e.items()}
+        for e in entries
+    ]  # fmt: skip
 
 
 def chat_logprob(text: str, logprob: float) -> dict:
@@ -1061,10 +1093,12 @@ class Listed:
 
     count: int = 0
     chars: int = 0
+    base: int = 0  # where the completion's text starts in the choice's text (after an echo)
 
     def take(self, done: CompletionOutput, finished: bool) -> tuple[list[int], list[dict], int]:
         """The tokens to list next (all the rest once finished), their logprobs and text offset."""
-        start, offset, known = self.count, self.chars, min(len(done.token_ids), len(done.logprobs))
+        start, offset = self.count, self.base + self.chars  # where the tokens' text starts
+        known = min(len(done.token_ids), len(done.logprobs))
         while self.count < known:
             n = len(done.logprobs[self.count][done.token_ids[self.count]].decoded_token)
             if not finished and self.chars + n > len(done.text):

@@ -289,14 +289,14 @@ def test_bench_cli_parses_and_reports(server):
 
 @pytest.mark.tasks("11.9")
 def test_unsupported_fields_are_refused_not_ignored(server):
-    """echo with logprobs streamed (the prompt's logprobs come in one reply only): 400, not a reply
+    """vLLM's prompt_logprobs streamed (they come beside the choices of one reply): 400, not a reply
     without them; top_logprobs without logprobs: 400 as OpenAI; max_completion_tokens=0 is a bad
     value, not 'no limit'. (test_serve_api.py: every other field; test_serve_echo.py: echo.)"""
     url = server[0]
     c = client(url)
     cases = [
-        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, echo=True, logprobs=1,
-                                     stream=True),
+        lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, stream=True,
+                                     extra_body={"prompt_logprobs": 1}),
         lambda: c.completions.create(model=NAME, prompt="hi", max_tokens=2, logprobs=21),
         lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, top_logprobs=2),
         lambda: c.chat.completions.create(model=NAME, messages=CHAT[0], max_tokens=2, logprobs=True,

@@ -297,7 +297,7 @@ def test_continuous_usage_stats(server):
 # ---- fields the server does not implement ----------------------------------------------------
 
 COMPLETION_REFUSED = [
-    ("n", 129), ("best_of", 3), ("prompt_logprobs", 1), ("suffix", "the end"),
+    ("n", 129), ("best_of", 3), ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("suffix", "the end"),
     ("response_format", {"type": "json_object"}), ("guided_json", {"type": "object"}),
     ("guided_regex", "[0-9]+"), ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"),
     ("structured_outputs", {"regex": "a+"}), ("allowed_token_ids", [1]), ("truncate_prompt_tokens", 5),
@@ -315,7 +315,7 @@ CHAT_REFUSED = [
     ("echo", True), ("continue_final_message", True),  # (with add_generation_prompt: true, the default)
     ("chat_template", "{{ 'hi' }}"), ("reasoning_effort", "high"), ("n", 129),
     ("documents", [{"title": "a", "text": "b"}]), ("include_reasoning", False),
-    ("structural_tag", "{}"), ("add_special_tokens", True), ("prompt_logprobs", 0),
+    ("structural_tag", "{}"), ("add_special_tokens", True), ("prompt_logprobs", -1),
     ("logprobs", 1), ("presence_penalty", -3), ("logit_bias", {"-1": 5}),
 ]
 

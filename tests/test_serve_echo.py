@@ -133,7 +133,8 @@ def test_echo_with_a_completion_lists_prompt_then_completion(server, hf64):
 def test_what_echo_cannot_do_is_refused_naming_it(server):
     url, _ = server
     for body, words in [
-        ({"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, ["echo", "stream"]),
+        ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, ["prompt_logprobs", "stream"]),
+        ({"prompt": "hi", "prompt_logprobs": -1}, ["prompt_logprobs"]),
         ({"prompt": "hi", "echo": True, "max_tokens": 0, "stream": True}, ["max_tokens=0", "stream"]),
         ({"prompt": "hi", "max_tokens": 0}, ["max_tokens"]),  # no echo: nothing to return
         ({"prompt": "hi", "echo": True, "logprobs": 21}, ["logprobs", "20"]),
@@ -141,6 +142,65 @@ def test_what_echo_cannot_do_is_refused_naming_it(server):
         r = httpx.post(url + "/v1/completions", json={"model": NAME, **body})
         assert r.status_code == 400, (body, r.text)
         assert all(w in r.json()["error"]["message"] for w in words), (body, r.text)
+
+
+@pytest.mark.tasks("11.17", "11.28")
+def test_echo_with_logprobs_streamed_lists_what_the_whole_reply_lists(server):
+    url, tok = server
+    c = client(url)
+    kw = dict(model=NAME, prompt=[CONTEXT, CHOICES[3]], max_tokens=5, temperature=0, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})
+    whole = sorted(c.completions.create(**kw).choices, key=lambda ch: ch.index)
+    events = [e for e in c.completions.create(**kw, stream=True) if e.choices]
+    for i, want in enumerate(whole):
+        mine = [e.choices[0] for e in events if e.choices[0].index == i]
+        assert "".join(ch.text for ch in mine) == want.text
+        assert mine[0].logprobs.token_logprobs[0] is None  # the prompt's first token, in the first event
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            got = [x for ch in mine if ch.logprobs for x in getattr(ch.logprobs, key)]
+            assert got == getattr(want.logprobs, key), (i, key)
+        assert want.logprobs.text_offset[-5:] == sorted(want.logprobs.text_offset[-5:])
+
+
+def vllm_entries_match(entries, ref, ids: list[int], k: int):
+    """vLLM's prompt_logprobs as JSON vs the float64 reference: None first, then the prompt token's
+    own logprob and rank and the k most likely."""
+    assert entries[0] is None and len(entries) == len(ids)
+    for i in range(1, len(ids)):
+        row, own = ref[i - 1], str(ids[i])
+        best = row.topk(k).indices.tolist()
+        assert set(entries[i]) == {str(t) for t in best} | {own}, i
+        for t, e in entries[i].items():
+            assert abs(e["logprob"] - row[int(t)].item()) < TOL, (i, t)
+            x = row[int(t)]  # its rank: 1 + the tokens more likely (float32 may order near ties apart)
+            assert 1 + (row > x + TOL).sum() <= e["rank"] <= 1 + (row > x - TOL).sum(), (i, t)
+        assert entries[i][own]["decoded_token"] == tok_decode(ids[i])
+
+
+def tok_decode(t: int) -> str:
+    return TOK.decode([t])
+
+
+TOK = None
+
+
+@pytest.mark.tasks("11.9", "11.21", "11.25")
+def test_vllm_prompt_logprobs_field_on_both_endpoints(server, hf64):
+    global TOK
+    url, TOK = server
+    r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [CONTEXT, CHOICES[3]],
+                                                  "max_tokens": 2, "prompt_logprobs": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=itemgetter("index"))
+    for ids, choice in zip([CONTEXT, CHOICES[3]], choices):
+        vllm_entries_match(choice["prompt_logprobs"], log_softmax64(hf64, ids), ids, 3)
+        assert choice["logprobs"] is None  # not the completion's logprobs: those are not asked
+    chat = [{"role": "user", "content": "Name a colour."}]
+    ids = httpx.post(url + "/tokenize", json={"model": NAME, "messages": chat}).json()["tokens"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": chat, "max_tokens": 1,
+                                                       "prompt_logprobs": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    vllm_entries_match(r.json()["prompt_logprobs"], log_softmax64(hf64, ids), ids, 0)
 
 
 def test_echo_without_logprobs_still_streams(server):

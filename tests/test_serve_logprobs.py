@@ -196,12 +196,13 @@ def test_chat_logprobs_are_transformers_float64_log_softmax(server, hf64):
 def test_logprob_fields_that_cannot_work_are_400s_naming_them(server):
     url = server[0]
     for path, body, words in [
-        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, ["echo", "stream"]),
+        ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, ["prompt_logprobs", "stream"]),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, ["logprobs", "20"]),
         ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, ["top_logprobs", "logprobs: true"]),
         ("/v1/chat/completions", {"messages": CHAT, "logprobs": False, "top_logprobs": 2}, ["top_logprobs"]),
         ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, ["top_logprobs"]),
-        ("/v1/chat/completions", {"messages": CHAT, "prompt_logprobs": 1}, ["prompt_logprobs"]),
+        ("/v1/chat/completions", {"messages": CHAT, "prompt_logprobs": 21}, ["prompt_logprobs"]),
+        ("/v1/chat/completions", {"messages": CHAT, "prompt_logprobs": 1, "stream": True}, ["prompt_logprobs", "stream"]),
     ]:
         r = httpx.post(url + path, json={"model": NAME, "max_tokens": 2, **body})
         assert r.status_code == 400, (body, r.text)
