@@ -6,7 +6,6 @@ device), our Triton kernels (CUDA, or the CPU through Triton's interpreter) and 
 when it is installed). The float64 oracle that checks them lives in cleanvllm.reference.
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from cleanvllm.config import flash_attn_available
+from cleanvllm.config import pick_attention_backend
 from cleanvllm.context import get_context
 
 
@@ -461,25 +460,6 @@ BACKENDS = {
 }
 
 
-def resolve_backend(name: str, device: str) -> str:
-    """'auto': flash-attn if it imports on CUDA, else our Triton kernels on CUDA, PyTorch on CPU."""
-    if name == "auto":
-        if device != "cuda":
-            return "torch"
-        return "flash" if flash_attn_available() else "triton"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}: 'auto' or one of {list(BACKENDS)}")
-    if name == "flash" and not flash_attn_available():
-        raise ValueError("attention backend 'flash': flash-attn does not import")
-    if (
-        name == "triton"
-        and not torch.cuda.is_available()
-        and os.environ.get("TRITON_INTERPRET") != "1"
-    ):
-        raise ValueError("attention backend 'triton' needs CUDA (or TRITON_INTERPRET=1 on a CPU)")
-    return name
-
-
 class Attention(nn.Module):
     """Paged attention of one layer; backend 'auto', 'flash', 'triton' or 'torch', resolved here."""
 
@@ -490,7 +470,7 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
         self.num_kv_heads = num_kv_heads
         # the device the layer is built on: the default device (`with torch.device(...)`)
-        self.backend = resolve_backend(backend, torch.empty(0).device.type)
+        self.backend = pick_attention_backend(backend, torch.empty(0).device.type)
         self.impl = BACKENDS[self.backend]
         self.k_cache = self.v_cache = torch.tensor([])  # assigned by the model runner
 

@@ -153,23 +153,27 @@ def pick_dtype(dtype: str | None, device: str, hf_config) -> str:
     return dtype
 
 
-def pick_attention_backend(backend: str, device: str, block_size: int) -> str:
+def pick_attention_backend(backend: str, device: str, block_size: int | None = None) -> str:
+    """The one place that decides the attention backend: for Config, and for chapter 5's layer
+    built alone (block_size None: no cache yet, no block-size rule)."""
     if backend not in ATTENTION_BACKENDS:
         refuse("attention_backend", backend, f"must be one of {ATTENTION_BACKENDS}")
     if backend == "auto":
         backend = "torch" if device == "cpu" else "flash" if flash_attn_available() else "triton"
-    if backend in ("flash", "triton") and device == "cpu":
-        refuse(
+    if backend == "flash" and device == "cpu":
+        refuse("attention_backend", backend, "flash needs device='cuda'; use 'torch' on the CPU")
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        refuse(  # Triton's interpreter runs the kernels on a CPU: slow, but they can be checked
             "attention_backend",
             backend,
-            "flash and triton need device='cuda'; use 'torch' on the CPU",
+            "triton needs device='cuda' (or TRITON_INTERPRET=1); use 'torch' on the CPU",
         )
     if backend == "flash" and not flash_attn_available():
         refuse(
             "attention_backend", backend, "flash-attn does not import; install the 'flash' extra"
         )
     need = {"flash": 256, "triton": 16}.get(backend, 1)
-    if block_size % need:
+    if block_size is not None and block_size % need:
         refuse(
             "kvcache_block_size",
             block_size,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 
-from cleanvllm import attention
+from cleanvllm import attention, config
 from cleanvllm.attention import (Attention, paged_attention_torch, paged_decode_triton, paged_prefill_triton,
                                  store_kvcache, store_kvcache_torch, torch_no_cache, triton_no_cache)
 from cleanvllm.context import Context, reset_context, set_context
@@ -207,22 +207,22 @@ def test_no_cache_path_is_causal_attention_on_every_backend(backend):
         assert rel_err(out[s:e], torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv)) < 1e-5
 
 
-@pytest.mark.tasks("5.14", "5.15", "5.16")
+@pytest.mark.tasks("2.23", "5.15", "5.16")
 def test_backend_is_resolved_once_at_construction(monkeypatch):
     """'auto' -> torch on the CPU; unknown names fail at construction; forward never re-chooses."""
     assert Attention(4, 32, 0.2, 2, "auto").backend == "torch"
-    with pytest.raises(ValueError, match="attention backend"):
+    with pytest.raises(ValueError, match="attention_backend"):
         Attention(4, 32, 0.2, 2, "magic")
-    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
-    assert attention.resolve_backend("auto", "cuda") == "flash"
-    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
-    assert attention.resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(config, "flash_attn_available", lambda: True)
+    assert config.pick_attention_backend("auto", "cuda") == "flash"
+    monkeypatch.setattr(config, "flash_attn_available", lambda: False)
+    assert config.pick_attention_backend("auto", "cuda") == "triton"
     layer = Attention(4, 32, 0.2, 2, "torch")
 
     def boom(*args):
         raise AssertionError("the backend was chosen again during forward")
 
-    monkeypatch.setattr(attention, "resolve_backend", boom)
+    monkeypatch.setattr(attention, "pick_attention_backend", boom)
     set_context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 5]), max_seqlen_q=5)
     try:
         assert layer(torch.randn(5, 128), torch.randn(5, 64), torch.randn(5, 64)).shape == (5, 128)

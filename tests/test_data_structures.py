@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cleanvllm.config import Config, attention_shape, check_model_dir
+from cleanvllm.config import Config, attention_shape, check_model_dir, pick_attention_backend
 from cleanvllm.context import get_context, reset_context, set_context
 from cleanvllm.sampling_params import GREEDY_EPSILON, SamplingParams
 from cleanvllm.sequence import Sequence, SequenceStatus
@@ -177,9 +177,17 @@ def test_max_model_len_default_follows_a_small_model(tiny_model):
 
 
 @pytest.mark.tasks('2.22', '2.23', '2.24')
-def test_config_backend_block_size_rules(tiny_model):
-    with pytest.raises(ValueError, match="flash and triton need device='cuda'"):
+def test_config_backend_block_size_rules(tiny_model, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest sets it: kernels on the CPU
+    with pytest.raises(ValueError, match="triton needs device='cuda'"):
         Config(tiny_model, device="cpu", attention_backend="triton")
+    with pytest.raises(ValueError, match="flash needs device='cuda'"):
+        Config(tiny_model, device="cpu", attention_backend="flash")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pick_attention_backend("triton", "cuda", 8)
+    assert pick_attention_backend("triton", "cuda") == "triton"  # a layer alone: no block rule
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pick_attention_backend("triton", "cpu") == "triton"  # Triton's interpreter, for tests
     cfg = Config(tiny_model, device="cpu")
     assert cfg.attention_backend == "torch" and cfg.dtype == "float32" and cfg.torch_dtype == torch.float32
 
