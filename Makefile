@@ -14,7 +14,7 @@ CH ?=
 # This checkout's package comes first, also for notebook kernels started from here.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench bench-cpu gpu-check wheelhouse lm-eval lm-eval-replay tiny clean workbook check reset
+.PHONY: help setup test test-py test-nb lint format check-export export strip demo lab serve bench host-bench bench-cpu gpu-check wheelhouse lm-eval lm-eval-replay tiny clean workbook check reset
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -88,6 +88,9 @@ tiny: setup ## write the tiny random Qwen3 checkpoint to ~/.cache/cleanvllm
 
 bench: setup ## the throughput benchmark (GPU: full size; see benchmarks/RESULTS.md)
 	$(PY) -m cleanvllm.bench
+
+host-bench: setup ## the engine's own Python per decode step at batch 256, the model stubbed (CPU; add ARGS=--profile)
+	$(PY) tools/host_bench.py $(ARGS)
 
 bench-cpu: setup ## chapter 10's race on the CPU: the engine vs transformers' generate (SmolLM2, 1 thread, 8 x 64 tokens)
 	$(PY) -m cleanvllm.demo --vs-transformers

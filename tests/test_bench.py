@@ -335,3 +335,21 @@ def test_decode_step_flops_by_hand():
     # each cached token adds a dot product with its key and a weighted sum of its value per head
     one_token = decode_step_flops(QWEN3_0_6B, 3, 1, 0)
     assert one_token == 3 * 4 * 28 * 16 * 128
+
+
+def test_host_bench_times_each_full_decode_step_with_the_model_stubbed():
+    """`make host-bench` (tools/host_bench.py): 8 requests of 6 new tokens give 5 decode steps of all
+    8 (the first token comes from the prefill), hence 4 launch-to-launch gaps; the stand-in runner
+    must have produced every token the requests asked for (it raises otherwise)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "host_bench.py"
+    spec = importlib.util.spec_from_file_location("host_bench", path)
+    host_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_bench)
+    r = host_bench.host_us_per_step(batch=8, tokens=6)
+    assert (r["batch"], r["steps"]) == (8, 4)
+    assert 0 < r["us_per_step"] < 1e6 and r["us_per_seq"] == pytest.approx(r["us_per_step"] / 8)
+    with pytest.raises(ValueError, match="tokens >= 2"):
+        host_bench.host_us_per_step(batch=8, tokens=1)
