@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -157,22 +158,31 @@ class PromptLogprobBlocks(BlockManager):
         return BlockManager._cached_prefix(self, seq)
 
 
+def fast_decode(tokenizer) -> Callable[[list[int], bool], str]:
+    """decode(ids, skip_special_tokens) as `tokenizer.decode` gives it, calling the tokenizer's Rust
+    backend directly when it has one: streaming outputs decode twice per running request per step,
+    and transformers' Python wrapper around that call costs more than the call itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+
+
 class OutputProcessor:
     """Sampled tokens in, text and RequestOutputs out (a stop string ends its sequence through
     the scheduler)."""
 
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.decode = fast_decode(tokenizer)  # what _detokenize calls, every step
 
     def _detokenize(self, req: _Request, final: bool = False) -> None:
         """Append the text of req's new completion tokens, decoding only a short window."""
         seq, skip = req.seq, req.seq.sampling_params.skip_special_tokens
         start = seq.num_prompt_tokens
         window = seq.token_ids[start + req.prefix_offset :]
-        seen = self.tokenizer.decode(
-            window[: req.read_offset - req.prefix_offset], skip_special_tokens=skip
-        )
-        text = self.tokenizer.decode(window, skip_special_tokens=skip)
+        seen = self.decode(window[: req.read_offset - req.prefix_offset], skip)
+        text = self.decode(window, skip)
         if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
             req.text += text[len(seen) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start

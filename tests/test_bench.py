@@ -348,8 +348,9 @@ def test_host_bench_times_each_full_decode_step_with_the_model_stubbed():
     spec = importlib.util.spec_from_file_location("host_bench", path)
     host_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_bench)
-    r = host_bench.host_us_per_step(batch=8, tokens=6)
-    assert (r["batch"], r["steps"]) == (8, 4)
-    assert 0 < r["us_per_step"] < 1e6 and r["us_per_seq"] == pytest.approx(r["us_per_step"] / 8)
+    for stream in (False, True):  # generate(), then step() as a server drives it
+        r = host_bench.host_us_per_step(batch=8, tokens=6, stream=stream)
+        assert (r["batch"], r["steps"], r["path"]) == (8, 4, "step()" if stream else "generate()")
+        assert 0 < r["us_per_step"] < 1e6 and r["us_per_seq"] == pytest.approx(r["us_per_step"] / 8)
     with pytest.raises(ValueError, match="tokens >= 2"):
         host_bench.host_us_per_step(batch=8, tokens=1)

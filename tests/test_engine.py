@@ -276,3 +276,33 @@ def test_generate_leaves_the_outputs_of_earlier_requests_to_step(llm, hf_model):
         done += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in done] == [rid], "generate() swallowed an earlier request's output"
     assert done[0].outputs[0].token_ids == hf_greedy(hf_model, p, 3)
+
+
+@pytest.mark.tasks("8.6")
+def test_fast_decode_gives_what_the_tokenizer_gives(tiny_model):
+    """fast_decode calls the Rust backend directly; its text must be the tokenizer's own decode for
+    any ids (special tokens, byte pieces of a character, both skip settings), and a tokenizer that
+    asks for its spaces cleaned up keeps transformers' decode, which decides whether to."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from cleanvllm.engine import fast_decode
+    from cleanvllm.smollm2 import smollm2_dir
+
+    dirs = [tiny_model] + ([str(smollm2_dir())] if smollm2_dir().exists() else [])
+    rng = random.Random(0)
+    for d in dirs:
+        tok = AutoTokenizer.from_pretrained(d)
+        decode = fast_decode(tok)
+        special = sorted(tok.all_special_ids)
+        text = tok.encode("Snow ❄ and 雪 fall, " * 3)
+        for _ in range(300):
+            ids = [rng.choice([rng.randrange(len(tok)), rng.choice(special), rng.choice(text)])
+                   for _ in range(rng.randrange(1, 12))]  # fmt: skip
+            for skip in (True, False):
+                assert decode(ids, skip) == tok.decode(ids, skip_special_tokens=skip), (d, ids, skip)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.clean_up_tokenization_spaces = True  # (transformers decides whether a BPE tokenizer obeys)
+    ids = tok.encode("Hello , world .")
+    assert fast_decode(tok)(ids, True) == tok.decode(ids, skip_special_tokens=True)

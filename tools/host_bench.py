@@ -1,6 +1,6 @@
 """`make host-bench`: the engine's own Python per decode step, with the model taken out.
 
-    python tools/host_bench.py [--batch 256] [--tokens 100] [--profile]
+    python tools/host_bench.py [--batch 256] [--tokens 100] [--stream] [--profile]
 
 At a large batch a GPU finishes a decode step in a few milliseconds, and the engine must schedule,
 record and report every sequence in less time than that, or the GPU waits for it (the overlapped loop
@@ -8,8 +8,10 @@ of chapter 8 only hides host work shorter than a step). This times exactly that 
 checkpoint's engine with its model runner's `launch` replaced by a stand-in that returns random
 tokens at once, then `generate` of `--batch` requests of 200 prompt tokens and `--tokens` new
 tokens each, as the benchmark runs them. It prints the median time from one decode step's launch to
-the next one's (all sequences running), per step and per sequence;
-`--profile` adds cProfile's top functions. The runner's own host work (staging the batch, launching
+the next one's (all sequences running), per step and per sequence; `--stream` drives the engine with
+`step()` instead, as a server does, so that every running request's text and `RequestOutput` are
+made at every step (`generate` makes them once, at the end); `--profile` adds cProfile's top
+functions. The runner's own host work (staging the batch, launching
 a CUDA graph) is not included: the GPU profile (`bench --profile`) reports it as `runner_us_per_step`.
 """
 
@@ -23,7 +25,7 @@ import time
 import torch
 
 
-def host_us_per_step(batch: int, tokens: int, profile: bool = False) -> dict:
+def host_us_per_step(batch: int, tokens: int, profile: bool = False, stream: bool = False) -> dict:
     """Microseconds of the engine's Python per decode step of `batch` sequences (model stubbed)."""
     from cleanvllm.engine import LLM
     from cleanvllm.model_runner import Launched
@@ -53,7 +55,13 @@ def host_us_per_step(batch: int, tokens: int, profile: bool = False) -> dict:
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    if stream:  # a server's loop: every request's output at every step
+        ids, done = [llm.add_request(p, sp) for p in prompts], {}
+        while llm.has_unfinished_requests():
+            done.update((o.request_id, o) for o in llm.step() if o.finished)
+        outs = [done[i] for i in ids]
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
     if prof:
         prof.disable()
     llm.close()
@@ -68,6 +76,7 @@ def host_us_per_step(batch: int, tokens: int, profile: bool = False) -> dict:
         "steps": len(gaps),
         "us_per_step": per_step,
         "us_per_seq": per_step / batch,
+        "path": "step()" if stream else "generate()",
     }
 
 
@@ -75,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=100)
+    ap.add_argument("--stream", action="store_true", help="step() as a server drives it")
     ap.add_argument("--profile", action="store_true", help="cProfile's top functions (slower)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the engine's Python is what is measured; one thread, as the tests
-    r = host_us_per_step(args.batch, args.tokens, args.profile)
-    print(f"host work per decode step at batch {r['batch']}: {r['us_per_step']:,.0f} us "
+    r = host_us_per_step(args.batch, args.tokens, args.profile, args.stream)
+    print(f"host work per decode step at batch {r['batch']}, {r['path']}: {r['us_per_step']:,.0f} us "
           f"({r['us_per_seq']:.1f} us per sequence; median of {r['steps']} steps)")  # fmt: skip
     return 0
 
