@@ -295,7 +295,7 @@ class LLMEngine:
         self._generating, self._extras = set(), {}  # generate()'s ids; see _needs_tokens
         self.overlap = config.async_scheduling and self.workers is None  # which loop step() runs
         self.in_flight: list[InFlight] = []  # steps launched and not yet collected (overlap)
-        self.samples: dict[str, _Samples] = {}  # n > 1: each request's samples (step 9b)
+        self.samples: dict[str, _Samples] = {}  # n > 1: each request's samples (_Samples)
 
     def _eos_ids(self) -> list[int]:
         """Every id that ends a turn: the checkpoint's config files, and the tokenizer's EOS."""
@@ -392,7 +392,7 @@ class LLMEngine:
 
     def _enqueue(self, req: _Request) -> str:
         """Record the request, then hand its sequence to the scheduler; return its id."""
-        if req.seq.sampling_params.n > 1:  # its other samples wait for its prompt (step 9b)
+        if req.seq.sampling_params.n > 1:  # its other samples wait for its prompt: _hold_samples
             self._hold_samples(req)
         rid, sp = req.seq.request_id, req.seq.sampling_params
         self.requests[rid] = req  # first: an interrupt after this line loses nothing
@@ -411,7 +411,7 @@ class LLMEngine:
 
     def _abort(self, request_id: str) -> None:
         """End a request now and forget it; an unknown or finished id changes nothing."""
-        if request_id in self.samples:  # n > 1: its other samples end with it (step 9b)
+        if request_id in self.samples:  # n > 1: its other samples end with it
             self._abort_samples(request_id)
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
@@ -647,7 +647,7 @@ class LLMEngine:
             self.unreported = {**outputs, **self.unreported}
             self._recover()
             raise
-        if self.samples:  # n > 1: samples start, and are reported as their requests (step 9b)
+        if self.samples:  # n > 1: samples start, and are reported as one request
             self._merge_samples(outputs)
         return list(outputs.values())
 

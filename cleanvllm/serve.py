@@ -63,7 +63,7 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: str | None = None  # set by the engine thread when the engine accepts the request
-    arrival: float = field(default_factory=time.perf_counter)  # for /metrics' latencies (step 6b)
+    arrival: float = field(default_factory=time.perf_counter)  # for /metrics' latencies
     tokens_seen: int = 0  # completion tokens in the last output the handler took
     last_token: float = 0.0  # when that output came
 
@@ -81,7 +81,7 @@ class AsyncEngine:
         self.step_log: deque = deque(maxlen=100_000)  # (time, requests in the step) per step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.metrics = None  # what /metrics counts (step 6b), once a server has one
+        self.metrics = None  # what /metrics counts (Metrics), once a server has one
 
     def _deliver(self, h: Handle, item) -> None:
         """Put item into h's asyncio queue from any thread (a closed loop means nobody listens)."""
@@ -135,7 +135,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._take_commands(block=not self.engine.has_unfinished_requests())
                 if not self.engine.has_unfinished_requests():
-                    if self.metrics is not None:  # the gauges of /metrics (step 6b), when idle
+                    if self.metrics is not None:  # the gauges of /metrics, when idle
                         self.metrics.engine(engine_state(self.engine))
                     continue
                 try:
@@ -468,7 +468,7 @@ class ServerState:
     def __post_init__(self):  # no token covers more characters than its vocabulary entry
         longest = max(map(len, self.tokenizer.get_vocab()))
         self.max_prompt_chars = self.max_model_len * longest  # more characters cannot fit
-        self.metrics = Metrics(self.model_name)  # this server's own (step 6b)
+        self.metrics = Metrics(self.model_name)  # this server's own
         self.engine.metrics = self.metrics
 
     def check_model(self, name: str) -> None:
@@ -580,7 +580,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     s: ServerState = request.app.state.server
     try:
         raw = await request.body()
-    except ClientDisconnect:  # gone (or cut off by the body timeout, step 10): nobody to answer
+    except ClientDisconnect:  # gone (or cut off by the body timeout): nobody to answer
         raise APIError(499, "the client closed the connection before its body arrived") from None
     if len(raw) - len(raw.translate(None, b",[{")) <= INLINE_VALUES:  # bounds the values (+1)
         data = load_json(raw, MAX_JSON_VALUES)

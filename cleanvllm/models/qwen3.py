@@ -50,7 +50,7 @@ class Qwen3Attention(nn.Module):
     """Self-attention on this rank's heads: packed q/k/v projection, per-head q/k RMSNorm (Qwen3
     only), rotary embedding, paged attention (chapter 5), output projection with its all-reduce."""
 
-    kernels = Kernels()  # fused: on a GPU, q/k norm + rotary + KV store in one kernel (step 8)
+    kernels = Kernels()  # fused: on a GPU, q/k norm + rotary + KV store in one kernel
 
     def __init__(self, hf, max_position: int, backend: str = "torch", tp: TPGroup = TPGroup()):
         super().__init__()
