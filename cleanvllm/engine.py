@@ -492,11 +492,8 @@ class LLMEngine:
             if req is None or k is None or id(seq) not in got:
                 continue
             ids = [token_ids[i], *top_ids[i][:k]]
-            text = self.tokenizer.batch_decode([[t] for t in ids])
-            entry = {ids[0]: Logprob(own[i], rank[i], text[0])}
-            for j in range(k):  # the sampled token keeps its entry if it is among the top k
-                entry.setdefault(ids[j + 1], Logprob(top[i][j], j + 1, text[j + 1]))
-            req.logprobs.append(entry)
+            texts = self.tokenizer.batch_decode([[t] for t in ids])
+            req.logprobs.append(logprob_entry(ids, texts, own[i], rank[i], top[i][:k]))
             req.cumulative_logprob += own[i]
 
     def _ask_prompt_logprobs(self, batch, seqs: list[Sequence]) -> None:
@@ -544,10 +541,7 @@ class LLMEngine:
                 if first + 1 + n < len(req.prompt_logprobs):
                     continue  # recorded before a preemption and this recompute
                 text = texts[n * (k + 1) : (n + 1) * (k + 1)]
-                entry = {ids[n][0]: Logprob(own[j], rank[j], text[0])}
-                for r in range(k):  # the prompt token keeps its entry if it is among the top k
-                    entry.setdefault(ids[n][r + 1], Logprob(top[j][r], r + 1, text[r + 1]))
-                req.prompt_logprobs.append(entry)
+                req.prompt_logprobs.append(logprob_entry(ids[n], text, own[j], rank[j], top[j][:k]))
 
     def _step_sync(self, outputs: dict, quiet) -> StepStats:
         """The article's loop: schedule, run the model (on every rank), record the tokens."""
@@ -766,6 +760,17 @@ def check_text(text: str, what: str) -> str:
                 f"{text[e.start]!r}"
             ) from None
     return text
+
+
+def logprob_entry(
+    ids: list[int], texts: list[str], own: float, rank: int, top: list[float]
+) -> dict:
+    """vLLM's {token id: Logprob} at one position: ids[0] (the token sampled, or the prompt's) with
+    its own logprob and rank, then the k most likely ids[1:] (ranks 1..k); texts: each id's text."""
+    entry = {ids[0]: Logprob(own, rank, texts[0])}
+    for r, (t, lp) in enumerate(zip(ids[1:], top)):  # ids[0] keeps its entry if among the top k
+        entry.setdefault(t, Logprob(lp, r + 1, texts[r + 1]))
+    return entry
 
 
 @contextmanager
