@@ -206,12 +206,15 @@ def _gumbel_max_kernel(
     CHUNK: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     row, split = tl.program_id(0), tl.program_id(1)
+    # noise, uniform in [0, 1): token 4q + j of this chunk takes uj[q], the j-th of counter q's four
+    counter = (row * SPLITS + split) * (CHUNK // 4) + tl.arange(0, CHUNK // 4)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(SEED), counter)
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (CHUNK,))  # u0[0] u1[0] u2[0] u3[0]..
     t = tl.load(TEMPS + row)
     greedy = t < GREEDY_EPS
     offs = split * CHUNK + tl.arange(0, CHUNK)
     inside = offs < vocab
     x = tl.load(LOGITS + row * stride + offs, mask=inside, other=float("-inf")).to(tl.float32)
-    u = tl.rand(tl.load(SEED), row * vocab + offs)  # uniform in [0, 1), one per (step, row, token)
     score = tl.where(greedy, x, x / tl.where(greedy, 1.0, t) - tl.log(-tl.log(u)))
     score = tl.where(inside, score, float("-inf"))
     tl.store(BEST + row * SPLITS + split, tl.max(score, 0))
@@ -232,7 +235,9 @@ def sample_temperature_triton(
     """sample_temperature in one pass over the logits (Gumbel-max). seed: a one-element integer
     tensor, a fresh value every step (read on the device, so a CUDA graph can replay it)."""
     rows, vocab = logits.shape
-    assert logits.stride(1) == 1 and chunk & (chunk - 1) == 0, "contiguous rows, power-of-two chunk"
+    assert logits.stride(1) == 1 and chunk >= 4 and chunk & (chunk - 1) == 0, (
+        "contiguous rows, power-of-two chunk"
+    )
     splits = triton.cdiv(vocab, chunk)
     best = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     best_id = torch.empty(rows, splits, dtype=torch.int64, device=logits.device)

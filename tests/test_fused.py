@@ -119,10 +119,16 @@ def test_attention_without_k_and_v_needs_a_cache_and_both_or_neither():
 
 
 @triton.jit
-def _rand_probe(SEED, OUT, vocab, CHUNK: tl.constexpr):
+def _rand_probe(SEED, OUT, vocab, CHUNK: tl.constexpr, SPLITS: tl.constexpr):
+    """The sampler's noise, written out: token 4q + j of a chunk gets the j-th of counter q's four."""
     row, split = tl.program_id(0), tl.program_id(1)
-    offs = split * CHUNK + tl.arange(0, CHUNK)
-    tl.store(OUT + row * vocab + offs, tl.rand(tl.load(SEED), row * vocab + offs), mask=offs < vocab)
+    q = tl.arange(0, CHUNK // 4)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(SEED), (row * SPLITS + split) * (CHUNK // 4) + q)
+    offs = split * CHUNK + 4 * q
+    tl.store(OUT + row * vocab + offs, u0, mask=offs < vocab)
+    tl.store(OUT + row * vocab + offs + 1, u1, mask=offs + 1 < vocab)
+    tl.store(OUT + row * vocab + offs + 2, u2, mask=offs + 2 < vocab)
+    tl.store(OUT + row * vocab + offs + 3, u3, mask=offs + 3 < vocab)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,7 +142,7 @@ def test_one_pass_sampler_is_the_gumbel_max_of_its_noise(device):
     temps = torch.tensor([0.5, 1.0, 2.0, 0.9, 0.05])
     got = sample_temperature_triton(lg.float().to(device), temps.to(device), seed, chunk).cpu()
     u = torch.empty(rows, vocab, device=device)
-    _rand_probe[(rows, triton.cdiv(vocab, chunk))](seed, u, vocab, chunk)
+    _rand_probe[(rows, triton.cdiv(vocab, chunk))](seed, u, vocab, chunk, triton.cdiv(vocab, chunk))
     u = u.cpu().double().numpy()
     assert u.min() >= 0 and u.max() < 1
     hist = np.histogram(u, bins=8, range=(0, 1))[0] / u.size
