@@ -606,8 +606,7 @@ class ModelRunner:
         hidden = self.model(self.buffers.dev["input_ids"][:rows], self.buffers.dev["positions"][:rows])
         out.hidden[:rows] = hidden
         if out.tokens is not None:
-            logits = self.model.compute_logits(hidden)
-            out.logits[:rows] = logits
+            logits = self.model.compute_logits(hidden, out=out.logits[:rows])  # in place: no copy
             temps = self.buffers.temps[:rows]
             if self.model.kernels.triton(logits):  # one pass over the logits (the model's choice)
                 tokens = sample_temperature_triton(logits, temps, self.buffers.dev["step_seed"])

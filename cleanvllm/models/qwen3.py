@@ -187,6 +187,9 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [rows, vocab] of the given hidden rows on rank 0; None on the other ranks."""
-        return self.lm_head(hidden)
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Logits [rows, vocab] of the given hidden rows on rank 0; None on the other ranks.
+        out: where to write them (one rank only; see ParallelLMHead)."""
+        return self.lm_head(hidden, out)
