@@ -9,8 +9,8 @@ What `run` runs, on the GPU, and prints as one table at the end:
     the batch sweep and the serving benchmark, with the bandwidth floors they measure;
   - then, side by side: every chapter notebook as a learner runs it (nbmake), with the default models;
   - every chapter again with CLEANVLLM_MODEL set to a Qwen3-0.6B-shaped random checkpoint;
-  - every chapter with solutions/NN_*.py in its exercise cells
-    (tests/test_notebooks.py::test_each_cell_twice_each_task_alone_and_the_solutions);
+  - every chapter with solutions/NN_*.py in its exercise cells, each exercise's check saying passed
+    (`gpu_check.py execute NB --solutions`);
   - the GPU tests (tests/test_attention.py tests/test_fused.py tests/test_gpu.py).
 The notebook runs and the GPU tests go up to JOBS at a time, within 90 % of the card's memory, each
 seeing only its share of it (tools/gpu_share); the five measurements run one after the other with
@@ -298,13 +298,39 @@ def keep_log(what: str, log: Path) -> None:
 SHOW = ("05", "07", "09")
 
 
-def execute(nb_path: str) -> int:
+EXERCISE = re.compile(r"^#\|\s*exercise\s+(\S+)\s*$", re.M)  # an exercise's cell (its stub)
+
+
+def with_solutions(nb, nb_path: str) -> list[str]:
+    """Put solutions/NN_name.py's blocks (`# %% exercise N.M`) into the chapter's exercise cells, as
+    a learner who solved them would have them; return the exercises' names. Every exercise needs a
+    solution and every solution an exercise."""
+    path = ROOT / "solutions" / f"{Path(nb_path).stem}.py"
+    blocks = re.split(r"^# %% exercise (\S+)\s*$", path.read_text(), flags=re.M)
+    sols = {name: code.strip("\n") for name, code in zip(blocks[1::2], blocks[2::2])}
+    names = []
+    for cell in nb.cells:
+        m = EXERCISE.match(cell.source) if cell.cell_type == "code" else None
+        if m:
+            if m.group(1) not in sols:
+                raise ValueError(f"exercise {m.group(1)} of {nb_path} has no solution in {path.name}")
+            cell.source = f"#| exercise {m.group(1)}\n{sols[m.group(1)]}"
+            names.append(m.group(1))
+    if sorted(names) != sorted(sols):
+        raise ValueError(f"{path.name} solves {sorted(sols)}; {nb_path} has exercises {sorted(names)}")
+    return names
+
+
+def execute(nb_path: str, solutions: bool = False) -> int:
     """Run one notebook as nbmake does (nbclient, its folder as the working directory) and append
-    each code cell's printed text to shown.txt in GPU_CHECK_LOGS (and $OUT): what a learner reads."""
+    each code cell's printed text to shown.txt in GPU_CHECK_LOGS (and $OUT): what a learner reads.
+    solutions: with solutions/NN_*.py in its exercise cells, each of whose checks must say passed
+    (then nothing goes to shown.txt)."""
     import nbclient
     import nbformat
 
     nb = nbformat.read(nb_path, as_version=4)
+    names = with_solutions(nb, nb_path) if solutions else []
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(Path(nb_path).parent)}})
     rc = 0
@@ -313,6 +339,14 @@ def execute(nb_path: str) -> int:
     except Exception as e:  # the failing cell's output is in nb; the error goes to the log
         print(f"FAILED {nb_path} - {type(e).__name__}: {str(e)[-1500:]}")
         rc = 1
+    if solutions:
+        said = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+        unsaid = [n for n in names if f"Exercise {n}: passed" not in said]
+        if rc == 0 and unsaid:
+            print(f"FAILED {nb_path} - ExerciseNotPassed: no 'passed' from the checks of {unsaid}")
+            rc = 1
+        print(f"{nb_path} with solutions to {names}: {'passed' if rc == 0 else 'FAILED'}")
+        return rc
     lines = [f"===== {nb_path} ({'pass' if rc == 0 else 'FAIL'})"]
     for i, cell in enumerate(nb.cells):
         texts = [o.get("text", "") if o.get("output_type") == "stream" else
@@ -343,9 +377,10 @@ def chapter_jobs(py: str, qwen: str | None) -> list[tuple]:
             # 12 GiB was too little for chapter 7's worker check at 0ebd6dc+ on an H100
             gib = 20 if ch in ("07", "08") else 12 if engine else 6
             jobs.append((ch, "Qwen3-0.6B", nbmake, {"CLEANVLLM_MODEL": qwen}, gib))
-        jobs.append((ch, "solutions", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     f"tests/test_notebooks.py::test_each_cell_twice_each_task_alone_and_the_solutions[{ch}]"], {},
-                     8 if engine else 4))
+        # one execution with the exercises solved; CI's CPU run also re-runs every cell and each
+        # task alone (test_each_cell_twice_each_task_alone_and_the_solutions), ~1.5x the GPU time
+        jobs.append((ch, "solutions", [py, str(Path(__file__).resolve()), "execute", rel, "--solutions"],
+                     {}, 8 if engine else 4))
     return jobs
 
 
@@ -630,9 +665,10 @@ def main() -> int:
     r.add_argument("--measure", help="of benchmark,logprobs,profile,sweep,serving: these only")
     e = sub.add_parser("execute", help="there: run one notebook, keeping its printed text (shown.txt)")
     e.add_argument("notebook")
+    e.add_argument("--solutions", action="store_true", help="with solutions/NN_*.py in its exercises")
     args = ap.parse_args()
     if args.cmd == "execute":
-        return execute(args.notebook)
+        return execute(args.notebook, args.solutions)
     if args.cmd == "wheelhouse":
         wheelhouse(args)
         return 0
