@@ -175,6 +175,17 @@ class OutputProcessor:
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.decode = fast_decode(tokenizer)  # what _detokenize calls, every step
+        self.texts: dict[int, str] = {}  # token id -> its text alone, as logprobs name it
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each id's text alone (vLLM's `decoded_token`; what tokenizer.batch_decode([[id], ...])
+        gives), remembered: a request with logprobs=k names k + 1 ids at every token, and decoding
+        them one call each made logprobs=5 cost 16x the engine's host work per step."""
+        known = self.texts
+        for t in ids:
+            if t not in known:
+                known[t] = self.decode([t], False)
+        return [known[t] for t in ids]
 
     def _detokenize(self, req: _Request, final: bool = False) -> None:
         """Append the text of req's new completion tokens, decoding only a short window."""
@@ -492,8 +503,9 @@ class LLMEngine:
             if req is None or k is None or id(seq) not in got:
                 continue
             ids = [token_ids[i], *top_ids[i][:k]]
-            texts = self.tokenizer.batch_decode([[t] for t in ids])
-            req.logprobs.append(logprob_entry(ids, texts, own[i], rank[i], top[i][:k]))
+            req.logprobs.append(
+                logprob_entry(ids, self.outputs.token_texts(ids), own[i], rank[i], top[i][:k])
+            )
             req.cumulative_logprob += own[i]
 
     def _ask_prompt_logprobs(self, batch, seqs: list[Sequence]) -> None:
@@ -536,7 +548,7 @@ class LLMEngine:
                     f"request {seq.request_id}: no prompt logprobs for tokens {have}-{first}"
                 )
             ids = [[seq.token_ids[first + 1 + j - rows[0]], *top_ids[j][:k]] for j in rows]
-            texts = self.tokenizer.batch_decode([[t] for row in ids for t in row])
+            texts = self.outputs.token_texts([t for row in ids for t in row])
             for n, j in enumerate(rows):
                 if first + 1 + n < len(req.prompt_logprobs):
                     continue  # recorded before a preemption and this recompute

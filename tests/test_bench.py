@@ -352,5 +352,7 @@ def test_host_bench_times_each_full_decode_step_with_the_model_stubbed():
         r = host_bench.host_us_per_step(batch=8, tokens=6, stream=stream)
         assert (r["batch"], r["steps"], r["path"]) == (8, 4, "step()" if stream else "generate()")
         assert 0 < r["us_per_step"] < 1e6 and r["us_per_seq"] == pytest.approx(r["us_per_step"] / 8)
+    r = host_bench.host_us_per_step(batch=8, tokens=6, logprobs=2)  # each token's 3 texts recorded
+    assert (r["steps"], r["path"]) == (4, "generate(), logprobs=2")
     with pytest.raises(ValueError, match="tokens >= 2"):
         host_bench.host_us_per_step(batch=8, tokens=1)

@@ -306,3 +306,28 @@ def test_fast_decode_gives_what_the_tokenizer_gives(tiny_model):
     tok.clean_up_tokenization_spaces = True  # (transformers decides whether a BPE tokenizer obeys)
     ids = tok.encode("Hello , world .")
     assert fast_decode(tok)(ids, True) == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.tasks("8.14")
+def test_token_texts_are_batch_decode_of_each_id_alone_and_remembered(tiny_model):
+    """A logprob's decoded_token is its id's text alone, as tokenizer.batch_decode([[id], ...])
+    gives it (special tokens kept, a byte piece of a character as the tokenizer shows it); the
+    texts are remembered, so an id is decoded once however often logprobs name it."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from cleanvllm.engine import OutputProcessor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    out = OutputProcessor(tok, scheduler=None)
+    calls = []
+    decode = out.decode
+    out.decode = lambda ids, skip: calls.append(ids) or decode(ids, skip)
+    rng = random.Random(1)
+    pieces = tok.encode("Snow ❄ and 雪 fall, ") + sorted(tok.all_special_ids)
+    ids = [rng.choice([rng.randrange(len(tok)), rng.choice(pieces)]) for _ in range(400)]
+    assert out.token_texts(ids) == tok.batch_decode([[t] for t in ids])
+    assert sorted(c[0] for c in calls) == sorted(set(ids)) and all(len(c) == 1 for c in calls)
+    assert out.token_texts(ids[::-1]) == tok.batch_decode([[t] for t in ids[::-1]])
+    assert len(calls) == len(set(ids))  # the second time: no decode at all

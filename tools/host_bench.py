@@ -1,6 +1,6 @@
 """`make host-bench`: the engine's own Python per decode step, with the model taken out.
 
-    python tools/host_bench.py [--batch 256] [--tokens 100] [--stream] [--profile]
+    python tools/host_bench.py [--batch 256] [--tokens 100] [--stream] [--logprobs K] [--profile]
 
 At a large batch a GPU finishes a decode step in a few milliseconds, and the engine must schedule,
 record and report every sequence in less time than that, or the GPU waits for it (the overlapped loop
@@ -10,8 +10,9 @@ tokens at once, then `generate` of `--batch` requests of 200 prompt tokens and `
 tokens each, as the benchmark runs them. It prints the median time from one decode step's launch to
 the next one's (all sequences running), per step and per sequence; `--stream` drives the engine with
 `step()` instead, as a server does, so that every running request's text and `RequestOutput` are
-made at every step (`generate` makes them once, at the end); `--profile` adds cProfile's top
-functions. The runner's own host work (staging the batch, launching
+made at every step (`generate` makes them once, at the end); `--logprobs K`: every request asks
+for K logprobs per token (the stand-in returns random ones), whose K + 1 token texts the engine
+records at every step; `--profile` adds cProfile's top functions. The runner's own host work (staging the batch, launching
 a CUDA graph) is not included: the GPU profile (`bench --profile`) reports it as `runner_us_per_step`.
 """
 
@@ -25,7 +26,9 @@ import time
 import torch
 
 
-def host_us_per_step(batch: int, tokens: int, profile: bool = False, stream: bool = False) -> dict:
+def host_us_per_step(
+    batch: int, tokens: int, profile: bool = False, stream: bool = False, logprobs: int | None = None
+) -> dict:
     """Microseconds of the engine's Python per decode step of `batch` sequences (model stubbed)."""
     from cleanvllm.engine import LLM
     from cleanvllm.model_runner import Launched
@@ -44,11 +47,16 @@ def host_us_per_step(batch: int, tokens: int, profile: bool = False, stream: boo
         if not step_batch.is_prefill and step_batch.num_seqs == batch and last[0] is not None:
             gaps.append(now - last[0])  # one whole decode step of host work, launch to launch
         last[0] = None if step_batch.is_prefill else now
-        ids = torch.randint(vocab, (step_batch.num_seqs,), generator=noise)
-        return Launched(ids, ids)
+        n = step_batch.num_seqs
+        ids = torch.randint(vocab, (n,), generator=noise)
+        if logprobs is None:
+            return Launched(ids, ids)
+        lp = (torch.randint(vocab, (n, logprobs), generator=noise), -torch.rand(n, logprobs, generator=noise),
+              -torch.rand(n, generator=noise), torch.randint(1, 9, (n,), generator=noise))  # fmt: skip
+        return Launched(ids, ids, None, lp)
 
     llm.runner.launch = launch
-    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=tokens)
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=tokens, logprobs=logprobs)
     prompts = [[(7 * i + j) % vocab for j in range(200)] for i in range(batch)]
     llm.generate(prompts[:2], sp, use_tqdm=False)  # warm-up
     gaps.clear()
@@ -68,6 +76,8 @@ def host_us_per_step(batch: int, tokens: int, profile: bool = False, stream: boo
     got = sum(len(o.outputs[0].token_ids) for o in outs)
     if got != batch * tokens:
         raise RuntimeError(f"generated {got} tokens, expected {batch} x {tokens}")
+    if logprobs and any(len(o.outputs[0].logprobs or []) != tokens for o in outs):
+        raise RuntimeError(f"a request asked for logprobs={logprobs} at each of {tokens} tokens and lacks some")
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
     per_step = statistics.median(gaps) * 1e6
@@ -76,7 +86,7 @@ def host_us_per_step(batch: int, tokens: int, profile: bool = False, stream: boo
         "steps": len(gaps),
         "us_per_step": per_step,
         "us_per_seq": per_step / batch,
-        "path": "step()" if stream else "generate()",
+        "path": ("step()" if stream else "generate()") + (f", logprobs={logprobs}" if logprobs else ""),
     }
 
 
@@ -85,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--stream", action="store_true", help="step() as a server drives it")
+    ap.add_argument("--logprobs", type=int, help="every request asks for K logprobs per token")
     ap.add_argument("--profile", action="store_true", help="cProfile's top functions (slower)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the engine's Python is what is measured; one thread, as the tests
-    r = host_us_per_step(args.batch, args.tokens, args.profile, args.stream)
+    r = host_us_per_step(args.batch, args.tokens, args.profile, args.stream, args.logprobs)
     print(f"host work per decode step at batch {r['batch']}, {r['path']}: {r['us_per_step']:,.0f} us "
           f"({r['us_per_seq']:.1f} us per sequence; median of {r['steps']} steps)")  # fmt: skip
     return 0
