@@ -176,6 +176,19 @@ class StepBuffers:
         return host
 
 
+def queue_to_host(tensors: tuple | None) -> tuple | None:
+    """Queue copies of a step's device tensors (its logprobs) into new pinned host tensors, to be
+    read once the step's event has fired. Read on the device instead (`.tolist()`), they would make
+    the host wait for every step launched after this one: chapter 8's overlapped loop launches the
+    next step before it reads this one, and would lose its overlap whenever logprobs are asked."""
+    if tensors is None or not tensors[0].is_cuda:
+        return tensors
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    return host
+
+
 class InputBatch:
     """Block tables and temperatures of the sequences seen, a row each, updated incrementally."""
 
@@ -235,13 +248,14 @@ class GraphOutputs:
 @dataclass
 class Launched:
     """A step on its way: its sampled token ids on the device and, once `done` has fired, on the
-    host (rank 0; None on the other ranks). On a CPU the step has already run: `done` is None."""
+    host (rank 0; None on the other ranks), as its logprobs. On a CPU the step has already run:
+    `done` is None."""
 
     tokens: torch.Tensor | None
     host: torch.Tensor | None
     done: object = None  # torch.cuda.Event
-    logprobs: tuple | None = None  # compute_logprobs of the raw logits, when the batch asked
-    prompt_logprobs: tuple | None = None  # compute_logprobs at the positions of prompt_spans
+    logprobs: tuple | None = None  # compute_logprobs of the raw logits (host), when asked
+    prompt_logprobs: tuple | None = None  # compute_logprobs at prompt_spans' positions (host)
     prompt_spans: list[tuple[int, int, int]] | None = None  # the batch's, to read them back
 
 
@@ -567,11 +581,10 @@ class ModelRunner:
         if batch.num_logprobs is not None and logits is not None:
             lp = compute_logprobs(logits, tokens, batch.num_logprobs)
         self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
-        host = self.buffers.download(tokens)
-        if host is tokens:  # a CPU: the step has run
-            return Launched(tokens, host, None, lp, plp, batch.prompt_spans)
-        done = torch.cuda.Event()
-        done.record()
+        host, done = self.buffers.download(tokens), None
+        if host is not tokens:  # a GPU (on a CPU the step has run): logprobs follow, then the event
+            lp, plp, done = queue_to_host(lp), queue_to_host(plp), torch.cuda.Event()
+            done.record()
         return Launched(tokens, host, done, lp, plp, batch.prompt_spans)
 
     def collect(self, step: "Launched") -> list[int] | None:

@@ -122,14 +122,20 @@ def test_warmup_measures_activations_on_the_configured_backend(tiny_model):
 def test_logprobs_through_the_decode_graphs_match_eager_and_transformers(tiny_model, hf_model):
     """A request with logprobs is sampled inside the decode graph (it is `simple`), its logprobs
     computed from the logits the graph keeps: the same tokens and logprobs as with enforce_eager,
-    and the sampled token's logprob equal to transformers' float32 log-softmax."""
+    and the sampled token's logprob equal to transformers' float32 log-softmax. Each step's
+    logprobs come back in pinned host tensors, copied behind the step (queue_to_host), so that
+    reading them never waits for the step launched after it."""
     ps = _prompts([5, 23])
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    outs = {}
+    outs, launched = {}, []
     for eager in (False, True):
         with LLM(tiny_model, enforce_eager=eager, max_model_len=256, dtype="float32") as llm:
             assert bool(llm.runner.graphs) != eager
+            real = llm.runner.launch
+            llm.runner.launch = lambda b, real=real: launched.append(real(b)) or launched[-1]
             outs[eager] = llm.generate(ps, sp, use_tqdm=False)
+    with_lp = [t for step in launched if step.logprobs for t in step.logprobs]
+    assert with_lp and all(t.device.type == "cpu" and t.is_pinned() for t in with_lp)
     for graph, eager, p in zip(outs[False], outs[True], ps):
         g, e = graph.outputs[0], eager.outputs[0]
         assert g.token_ids == e.token_ids
