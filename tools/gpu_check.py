@@ -578,7 +578,8 @@ def run(args) -> int:
             return (ch, how), {"ok": False, "seconds": 0.0, "log": log.name,
                                "why": f"not run: GPU_DEADLINE={args.deadline} s had passed"}
         rc, secs = sh(cmd, dict(share, **extra), log, min(args.timeout, left))
-        print(f"[gpu-check] {ch} {how}: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s", flush=True)
+        print(f"[gpu-check] {ch} {how}: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s "
+              f"({time.perf_counter() - t0:.0f} s since the start)", flush=True)  # fmt: skip
         if rc != 0:
             keep_log(f"{ch} {how}", log)
         return (ch, how), {"ok": rc == 0, "seconds": secs, "why": "" if rc == 0 else why(log),
