@@ -160,20 +160,36 @@ def measure_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, repeats: int 
 
 
 def time_generate(llm, prompts, params) -> dict:
-    """Wall time of one generate call (prefill included); output tokens per second."""
+    """Wall time of one generate call (prefill included); output tokens per second; and the seconds
+    from each prefill step's launch to the next launch (the last: to the end), their sum."""
     sync = torch.cuda.synchronize if llm.config.device == "cuda" else (lambda: None)
+    launch, launched = llm.runner.launch, []  # (when, is_prefill) of each step's launch
+
+    def noted(batch, *args, **kwargs):
+        launched.append((time.perf_counter(), batch.is_prefill))
+        return launch(batch, *args, **kwargs)
+
     sync()
+    llm.runner.launch = noted  # an attribute of this one runner, for this call
     t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    sync()
-    seconds = time.perf_counter() - t
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+    finally:
+        del llm.runner.launch
+    end = time.perf_counter()
+    seconds = end - t
+    nexts = [when for when, _ in launched[1:]] + [end]
+    prefill = sum(n - when for (when, is_prefill), n in zip(launched, nexts) if is_prefill)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     if tokens != sum(p.max_tokens for p in params):
         raise RuntimeError(
             f"the engine returned {tokens} tokens, the requests asked for "
             f"{sum(p.max_tokens for p in params)} (ignore_eos=True makes them exact)"
         )
-    return dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds)
+    return dict(
+        tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, prefill_seconds=prefill
+    )
 
 
 @contextmanager
@@ -674,6 +690,9 @@ def table(res: dict) -> str:
         ),
         ("batch-1 decode", f"{res['batch1_tokens_per_s']:,.0f} tok/s"),
     ]
+    if "prefill_seconds" in c:  # (results saved before it was measured lack it)
+        p = c["prefill_seconds"]
+        rows.append(("prefill's share", f"{p:.2f} s of {c['seconds']:.2f} s (not in the floor)"))
     if "peak_gpu_memory_GiB" in c:
         rows.append(("peak GPU memory", f"{c['peak_gpu_memory_GiB']:.1f} GiB (KV cache included)"))
     if "subset" in res:

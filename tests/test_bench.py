@@ -154,6 +154,32 @@ def test_runner_timer_times_each_runner_call_and_gives_the_method_back(tiny_mode
         assert [(p, n) for p, n, _ in calls] == [(True, 1), (False, 1), (False, 1)]
 
 
+def test_time_generate_gives_the_prefills_share_and_the_method_back(tiny_model):
+    """The runner is replaced by a stand-in that takes 0.2 s per prefill step and 0.01 s per decode
+    step: of the run, the seconds from the prefill's launch to the next launch are the prefill's
+    0.2 s (plus host work), the 4 decode steps the rest; the runner keeps its own launch after."""
+    import time
+
+    from cleanvllm.bench import time_generate
+    from cleanvllm.engine import LLM
+    from cleanvllm.model_runner import Launched
+    from cleanvllm.sampling_params import SamplingParams
+
+    with LLM(tiny_model, **TINY_ENGINE) as llm:
+
+        def launch(batch):
+            time.sleep(0.2 if batch.is_prefill else 0.01)
+            ids = torch.full((batch.num_seqs,), 5)
+            return Launched(ids, ids)
+
+        llm.runner.launch = launch
+        sp = SamplingParams(max_tokens=5, ignore_eos=True)
+        got = time_generate(llm, [[1, 2, 3], [4, 5, 6, 7]], [sp, sp])
+        assert got["tokens"] == 10 and not {"launch"} & set(vars(llm.runner))
+        assert 0.2 <= got["prefill_seconds"] < 0.3, got
+        assert 0.04 <= got["seconds"] - got["prefill_seconds"] < 0.5, got
+
+
 KINDS_BY_HAND = {  # names as torch's profiler prints them (H100 kernels, CPU operators)
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x64x64_warpgroupsize1x1x1_cublas": "GEMM",
     "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "GEMM",

@@ -438,6 +438,8 @@ def numbers(name: str, d: dict) -> str:
         text = (f"{c['tokens_per_s']:,.0f} tok/s of a {f['tokens_per_s']:,.0f} tok/s floor "
                 f"({f['fraction']:.2f} of it; {d['bandwidth_GBps']:,.0f} GB/s measured); batch 1: "
                 f"{pretty(d.get('batch1_tokens_per_s'))} tok/s")
+        if "prefill_seconds" in c:  # the time the decode floor does not count
+            text += f"; prefill's share {c['prefill_seconds']:.2f} of {c['seconds']:.2f} s"
         return text + (f"; peer {d['peer']}" if d.get("peer") else "")
     elif name == "sweep":
         return "batch tok/s (floor): " + ", ".join(
