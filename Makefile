@@ -89,7 +89,7 @@ tiny: setup ## write the tiny random Qwen3 checkpoint to ~/.cache/cleanvllm
 bench: setup ## the throughput benchmark (GPU: full size; see benchmarks/RESULTS.md)
 	$(PY) -m cleanvllm.bench
 
-host-bench: setup ## the engine's own Python per decode step at batch 256, the model stubbed (CPU; ARGS=--stream: as a server, --profile)
+host-bench: setup ## the engine's own Python per decode step at batch 256, the model stubbed (CPU; ARGS=--stream: as a server, --logprobs K, --profile)
 	$(PY) tools/host_bench.py $(ARGS)
 
 bench-cpu: setup ## chapter 10's race on the CPU: the engine vs transformers' generate (SmolLM2, 1 thread, 8 x 64 tokens)
