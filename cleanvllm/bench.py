@@ -163,20 +163,24 @@ def time_generate(llm, prompts, params) -> dict:
     """Wall time of one generate call (prefill included); output tokens per second; and the seconds
     from each prefill step's launch to the next launch (the last: to the end), their sum."""
     sync = torch.cuda.synchronize if llm.config.device == "cuda" else (lambda: None)
-    launch, launched = llm.runner.launch, []  # (when, is_prefill) of each step's launch
+    runner, launched = llm.runner, []  # (when, is_prefill) of each step's launch
+    launch, own = runner.launch, vars(runner).get("launch")  # own: a stand-in set on this runner
 
     def noted(batch, *args, **kwargs):
         launched.append((time.perf_counter(), batch.is_prefill))
         return launch(batch, *args, **kwargs)
 
     sync()
-    llm.runner.launch = noted  # an attribute of this one runner, for this call
+    runner.launch = noted  # an attribute of this one runner, for this call
     t = time.perf_counter()
     try:
         outs = llm.generate(prompts, params, use_tqdm=False)
         sync()
-    finally:
-        del llm.runner.launch
+    finally:  # the runner's launch as it was
+        if own is None:
+            del runner.launch
+        else:
+            runner.launch = own
     end = time.perf_counter()
     seconds = end - t
     nexts = [when for when, _ in launched[1:]] + [end]
