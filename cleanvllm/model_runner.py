@@ -17,6 +17,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 from cleanvllm.attention import BACKENDS
 from cleanvllm.config import Config, attention_shape
@@ -81,6 +83,36 @@ def decode_slots(
     block = block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
     slots = torch.where(real, block * block_size + positions % block_size, -1)
     return slots, torch.where(real, positions + 1, 1)
+
+
+@triton.jit
+def _decode_slots_kernel(
+    POS, TABLES, stride_t, NUM_SEQS, SLOTS, CTX, rows,
+    BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < rows
+    real = inside & (i < tl.load(NUM_SEQS))  # padding rows: slot -1, one key
+    pos = tl.load(POS + i, mask=inside, other=0)
+    block = tl.load(TABLES + i * stride_t + pos // BLOCK_SIZE, mask=real, other=0)
+    tl.store(SLOTS + i, tl.where(real, block * BLOCK_SIZE + pos % BLOCK_SIZE, -1), mask=inside)
+    tl.store(CTX + i, tl.where(real, pos + 1, 1), mask=inside)
+
+
+def decode_slots_triton(
+    positions: torch.Tensor,
+    block_tables: torch.Tensor,
+    num_seqs: torch.Tensor,
+    block_size: int,
+    slots: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """decode_slots in one kernel, written into slots and context_lens (one row each)."""
+    rows = len(positions)
+    _decode_slots_kernel[(triton.cdiv(rows, 128),)](
+        positions, block_tables, block_tables.stride(0), num_seqs, slots, context_lens, rows,
+        BLOCK_SIZE=block_size, BLOCK=128,
+    )  # fmt: skip
 
 
 def prepare_batch(seqs: list[Sequence], is_prefill: bool, block_size: int) -> StepBatch:
@@ -424,6 +456,12 @@ class ModelRunner:
         """A staged decode step's slots and context lengths, computed on the device from its positions
         and block tables (inside the graph on the graph path: the host never computes them)."""
         d, n = self.buffers.dev, rows
+        if self.model.kernels.triton(d["positions"]):  # one kernel, not ~14 (the model's choice)
+            decode_slots_triton(
+                d["positions"][:n], d["block_tables"][:n], d["num_seqs"], self.block_size,
+                d["slot_mapping"][:n], d["context_lens"][:n],
+            )  # fmt: skip
+            return
         d["slot_mapping"][:n], d["context_lens"][:n] = decode_slots(
             d["positions"][:n], d["block_tables"][:n], d["num_seqs"], self.block_size
         )

@@ -177,3 +177,28 @@ def test_one_pass_sampler_distribution_on_gpu():
     freq = np.bincount(ids.cpu().numpy(), minlength=6) / n
     ref = torch.softmax(logits.double() / t, 0).numpy()
     assert np.all(np.abs(freq - ref) <= 5 * np.sqrt(ref * (1 - ref) / n) + 1e-9), (freq, ref)
+
+
+@pytest.mark.tasks("7.9")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,real", [(1, 1), (8, 3), (300, 230)])
+def test_decode_slots_kernel_writes_each_rows_slot_and_context(device, rows, real):
+    """The one-kernel decode_slots of the runner's GPU path, against the slot formula row by row in
+    Python: real rows write block_tables[i, p // bs] * bs + p % bs and attend to p + 1 keys, padding
+    rows write -1 and attend to one key; every element of both outputs is written (poisoned first).
+    The tables are a view of a wider buffer, as the runner's are."""
+    from cleanvllm.model_runner import decode_slots_triton
+
+    if not triton_ok(device):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    bs, width, rng = 16, 8, np.random.default_rng(rows)
+    wide = rng.permutation(50_000)[: rows * (width + 3)].reshape(rows, width + 3)
+    pos = rng.integers(0, width * bs, rows)
+    want_slots = [int(wide[i, p // bs]) * bs + int(p) % bs if i < real else -1 for i, p in enumerate(pos)]
+    want_ctx = [int(p) + 1 if i < real else 1 for i, p in enumerate(pos)]
+    tables = torch.tensor(wide, device=device)[:, :width]
+    slots = torch.full((rows,), -7, dtype=torch.int64, device=device)
+    ctx = torch.full((rows,), -7, dtype=torch.int64, device=device)
+    decode_slots_triton(torch.tensor(pos, device=device), tables, torch.tensor([real], device=device), bs, slots, ctx)
+    assert slots.tolist() == want_slots
+    assert ctx.tolist() == want_ctx
