@@ -63,4 +63,7 @@ def test_a_wrong_solution_fails_the_run(tmp_path, monkeypatch, capsys):
     )
     said = capsys.readouterr().out
     assert "AssertionError" in said and "slots, expected" in said, said[-2000:]  # check 2.1's words
+    # the FAILED line itself names the error (what the table's "why" shows), not a fragment of the cell
+    failed = [ln for ln in said.splitlines() if ln.startswith("FAILED ")]
+    assert failed and "AssertionError" in failed[0] and "slots, expected" in failed[0], failed
     assert said.rstrip().endswith("with solutions to ['2.1', '2.2']: FAILED"), said[-2000:]

@@ -337,7 +337,11 @@ def execute(nb_path: str, solutions: bool = False) -> int:
     try:
         client.execute()
     except Exception as e:  # the failing cell's output is in nb; the error goes to the log
-        print(f"FAILED {nb_path} - {type(e).__name__}: {str(e)[-1500:]}")
+        # first line: the error itself (an exception's last line, e.g. "CheckFailed: Task 7.7 ...");
+        # a window cut from the middle of the message once named only a fragment of the cell
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [""]
+        print(f"FAILED {nb_path} - {type(e).__name__}: {lines[-1][:500]}")
+        print("\n".join(lines[-60:]))
         rc = 1
     if solutions:
         said = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
@@ -582,8 +586,9 @@ def run(args) -> int:
         rc, secs = sh(cmd, dict(share, **extra), log, min(args.timeout, left))
         print(f"[gpu-check] {ch} {how}: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s "
               f"({time.perf_counter() - t0:.0f} s since the start)", flush=True)  # fmt: skip
-        if rc != 0:
+        if rc != 0:  # its gist now, in the command's output: $OUT's files may not all come back
             keep_log(f"{ch} {how}", log)
+            print(f"[gpu-check] {ch} {how}: {why(log)}", flush=True)
         return (ch, how), {"ok": rc == 0, "seconds": secs, "why": "" if rc == 0 else why(log),
                            "log": log.name}
 
