@@ -668,7 +668,7 @@ class LLMEngine:
         mine = {req.seq.request_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        rates, left = {True: 0.0, False: 0.0}, len(reqs)
+        tokens, spent, left = {True: 0, False: 0}, {True: 0.0, False: 0.0}, len(reqs)
         self._generating.update(mine)  # an abort from another thread ends them with "abort"
         try:
             for req in reqs:
@@ -682,9 +682,12 @@ class LLMEngine:
                         results[mine[out.request_id]] = out
                         left -= 1
                         bar.update(1)
+                # rates over the call so far: one step whose tokens were ready took ~0 s
                 s = self.last_step
-                rates[s.is_prefill] = s.num_tokens / max(time.perf_counter() - t, 1e-9)
-                bar.set_postfix(prefill=f"{rates[True]:.0f} tok/s", decode=f"{rates[False]:.0f} tok/s")
+                tokens[s.is_prefill] += s.num_tokens
+                spent[s.is_prefill] += time.perf_counter() - t
+                rate = {k: tokens[k] / max(spent[k], 1e-9) for k in tokens}
+                bar.set_postfix(prefill=f"{rate[True]:.0f} tok/s", decode=f"{rate[False]:.0f} tok/s")
         except BaseException:
             self._generating.difference_update(mine)
             with _sigint_deferred():  # a second Ctrl-C must not cut the clean-up in half

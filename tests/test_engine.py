@@ -331,3 +331,47 @@ def test_token_texts_are_batch_decode_of_each_id_alone_and_remembered(tiny_model
     assert sorted(c[0] for c in calls) == sorted(set(ids)) and all(len(c) == 1 for c in calls)
     assert out.token_texts(ids[::-1]) == tok.batch_decode([[t] for t in ids[::-1]])
     assert len(calls) == len(set(ids))  # the second time: no decode at all
+
+
+@pytest.mark.tasks("8.24")
+def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(llm, monkeypatch):
+    """generate's bar shows prefill and decode tokens over the time spent in such steps so far. With
+    the overlapped loop a step whose tokens were ready when asked takes ~0 s; shown alone, its rate
+    was absurd (10,374 decode tok/s for the tiny model on this CPU). A stand-in step and clock: a
+    prefill of 10 tokens in 1 s, a decode of 4 in 1 s, a decode of 4 in 1 us: decode 8 / 1.000001 s."""
+    import time
+    from types import SimpleNamespace
+
+    import cleanvllm.engine as engine_module
+    from cleanvllm.engine import StepStats
+
+    ticks = iter([0.0, 1.0, 1.0, 2.0, 2.0, 2.000001])
+    clock = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(**dict(clock, perf_counter=lambda: next(ticks))))
+    steps = iter([(True, 10, False), (False, 4, False), (False, 4, True)])
+
+    def step(quiet):
+        is_prefill, n, done = next(steps)
+        llm.last_step = StepStats(is_prefill, n, 1)
+        return [SimpleNamespace(request_id=rid, finished=True) for rid in quiet] if done else []
+
+    shown = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            shown.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(llm, "_step", step)
+    monkeypatch.setattr(engine_module, "tqdm", Bar)
+    llm.generate(["Hello"], SamplingParams(max_tokens=3))
+    assert shown[-1] == {"prefill": "10 tok/s", "decode": "8 tok/s"}, shown
+    assert shown[1]["decode"] == "4 tok/s", shown
