@@ -668,7 +668,7 @@ class LLMEngine:
         mine = {req.seq.request_id: i for i, req in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = tqdm(total=len(reqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        tokens, spent, left = {True: 0, False: 0}, {True: 0.0, False: 0.0}, len(reqs)
+        rates, left = StepRates(), len(reqs)
         self._generating.update(mine)  # an abort from another thread ends them with "abort"
         try:
             for req in reqs:
@@ -682,12 +682,7 @@ class LLMEngine:
                         results[mine[out.request_id]] = out
                         left -= 1
                         bar.update(1)
-                # rates over the call so far: one step whose tokens were ready took ~0 s
-                s = self.last_step
-                tokens[s.is_prefill] += s.num_tokens
-                spent[s.is_prefill] += time.perf_counter() - t
-                rate = {k: tokens[k] / max(spent[k], 1e-9) for k in tokens}
-                bar.set_postfix(prefill=f"{rate[True]:.0f} tok/s", decode=f"{rate[False]:.0f} tok/s")
+                bar.set_postfix(rates.add(self.last_step, time.perf_counter() - t))
         except BaseException:
             self._generating.difference_update(mine)
             with _sigint_deferred():  # a second Ctrl-C must not cut the clean-up in half
@@ -810,6 +805,21 @@ def _sigint_deferred():
         previous(signal.SIGINT, None)
     elif caught and previous == signal.SIG_DFL:
         raise KeyboardInterrupt
+
+
+class StepRates:
+    """Prefill and decode tokens per second over a generate call so far, for its progress bar: over
+    the call, since with the overlapped loop a step whose tokens were ready when asked takes ~0 s."""
+
+    def __init__(self):
+        self.tokens, self.seconds = {True: 0, False: 0}, {True: 0.0, False: 0.0}
+
+    def add(self, step: StepStats, seconds: float) -> dict[str, str]:
+        """Count one step (its kind, tokens and seconds); return the bar's postfix."""
+        self.tokens[step.is_prefill] += step.num_tokens
+        self.seconds[step.is_prefill] += seconds
+        rate = {k: self.tokens[k] / max(self.seconds[k], 1e-9) for k in self.tokens}
+        return {"prefill": f"{rate[True]:.0f} tok/s", "decode": f"{rate[False]:.0f} tok/s"}
 
 
 @dataclass

@@ -364,8 +364,8 @@ def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(llm, monke
         def update(self, n):
             pass
 
-        def set_postfix(self, **kw):
-            shown.append(kw)
+        def set_postfix(self, ordered_dict=None, **kw):
+            shown.append(dict(ordered_dict or {}, **kw))
 
         def close(self):
             pass
