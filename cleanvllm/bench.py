@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -159,28 +160,39 @@ def measure_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, repeats: int 
     return copy_rate(nbytes, times)
 
 
+@contextmanager
+def around(runner, **wrappers):
+    """Within the block, each runner.NAME calls wrappers[NAME](the method it replaces, *args): an
+    attribute of this one runner. After the block, runner.NAME is what it was before, a stand-in
+    that a caller had set included."""
+    own = {name: vars(runner).get(name) for name in wrappers}  # None: the class's method
+    for name, wrap in wrappers.items():
+        setattr(runner, name, partial(wrap, getattr(runner, name)))
+    try:
+        yield
+    finally:
+        for name, was in own.items():
+            if was is None:
+                delattr(runner, name)
+            else:
+                setattr(runner, name, was)
+
+
 def time_generate(llm, prompts, params) -> dict:
     """Wall time of one generate call (prefill included); output tokens per second; and the seconds
     from each prefill step's launch to the next launch (the last: to the end), their sum."""
     sync = torch.cuda.synchronize if llm.config.device == "cuda" else (lambda: None)
-    runner, launched = llm.runner, []  # (when, is_prefill) of each step's launch
-    launch, own = runner.launch, vars(runner).get("launch")  # own: a stand-in set on this runner
+    launched = []  # (when, is_prefill) of each step's launch
 
-    def noted(batch, *args, **kwargs):
+    def noted(launch, batch, *args, **kwargs):
         launched.append((time.perf_counter(), batch.is_prefill))
         return launch(batch, *args, **kwargs)
 
     sync()
-    runner.launch = noted  # an attribute of this one runner, for this call
     t = time.perf_counter()
-    try:
+    with around(llm.runner, launch=noted):
         outs = llm.generate(prompts, params, use_tqdm=False)
         sync()
-    finally:  # the runner's launch as it was
-        if own is None:
-            del runner.launch
-        else:
-            runner.launch = own
     end = time.perf_counter()
     seconds = end - t
     nexts = [when for when, _ in launched[1:]] + [end]
@@ -202,16 +214,15 @@ def runner_timer(llm):
     (is_prefill, sequences, seconds) per step, seconds = its `launch` (stage, run or replay, queue
     the copy of the tokens) plus its `collect` (wait for the tokens). The scheduler and the step's
     outputs are outside it. execute() is launch then collect, so every step is counted."""
-    runner, calls, started = llm.runner, [], {}
-    launch, collect = runner.launch, runner.collect
+    calls, started = [], {}
 
-    def timed_launch(batch, *args, **kwargs):
+    def timed_launch(launch, batch, *args, **kwargs):
         t = time.perf_counter()
         step = launch(batch, *args, **kwargs)
         started[id(step)] = (batch.is_prefill, batch.num_seqs, time.perf_counter() - t, step)
         return step
 
-    def timed_collect(step):
+    def timed_collect(collect, step):
         t = time.perf_counter()
         out = collect(step)  # token ids on the host: the GPU has finished this step
         if id(step) in started:  # (a step launched before the block began is not counted)
@@ -219,11 +230,8 @@ def runner_timer(llm):
             calls.append((is_prefill, n, launching + time.perf_counter() - t))
         return out
 
-    runner.launch, runner.collect = timed_launch, timed_collect  # attributes of this one runner
-    try:
+    with around(llm.runner, launch=timed_launch, collect=timed_collect):
         yield calls
-    finally:
-        del runner.launch, runner.collect
 
 
 def timed_decode(llm) -> dict:

@@ -334,7 +334,7 @@ def test_token_texts_are_batch_decode_of_each_id_alone_and_remembered(tiny_model
 
 
 @pytest.mark.tasks("8.24")
-def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(llm, monkeypatch):
+def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(tiny_model, monkeypatch):
     """generate's bar shows prefill and decode tokens over the time spent in such steps so far. With
     the overlapped loop a step whose tokens were ready when asked takes ~0 s; shown alone, its rate
     was absurd (10,374 decode tok/s for the tiny model on this CPU). A stand-in step and clock: a
@@ -347,7 +347,6 @@ def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(llm, monke
 
     ticks = iter([0.0, 1.0, 1.0, 2.0, 2.0, 2.000001])
     clock = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    monkeypatch.setattr(engine_module, "time", SimpleNamespace(**dict(clock, perf_counter=lambda: next(ticks))))
     steps = iter([(True, 10, False), (False, 4, False), (False, 4, True)])
 
     def step(quiet):
@@ -370,8 +369,11 @@ def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(llm, monke
         def close(self):
             pass
 
-    monkeypatch.setattr(llm, "_step", step)
-    monkeypatch.setattr(engine_module, "tqdm", Bar)
-    llm.generate(["Hello"], SamplingParams(max_tokens=3))
+    with LLM(tiny_model, device="cpu", kvcache_block_size=16, max_num_seqs=4, max_model_len=64) as llm:
+        with monkeypatch.context() as m:  # its own engine: the request is left unrun
+            m.setattr(engine_module, "time", SimpleNamespace(**dict(clock, perf_counter=lambda: next(ticks))))
+            m.setattr(engine_module, "tqdm", Bar)
+            m.setattr(llm, "_step", step)
+            llm.generate(["Hello"], SamplingParams(max_tokens=3))
     assert shown[-1] == {"prefill": "10 tok/s", "decode": "8 tok/s"}, shown
     assert shown[1]["decode"] == "4 tok/s", shown
