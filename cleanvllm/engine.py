@@ -22,10 +22,10 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
-from cleanvllm.model_runner import Launched, ModelRunner, prepare_batch
+from cleanvllm.model_runner import PENDING, Launched, ModelRunner, prepare_batch
 from cleanvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from cleanvllm.sampling_params import SEED_LIMIT, SamplingParams
-from cleanvllm.scheduler import PENDING, Scheduler
+from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence
 from cleanvllm.stop_strings import StopMatcher, stop_matcher
 from cleanvllm.workers import Workers
@@ -588,7 +588,7 @@ class LLMEngine:
         """Wait for the oldest step in flight, write its tokens over their PENDING, report them."""
         step = self.in_flight[0]
         token_ids = self.runner.collect(step.launched)
-        filled = self.scheduler.fill(step.seqs, token_ids)
+        filled = fill(self.scheduler, step.seqs, token_ids)
         self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
         self._take_prompt_logprobs(step.seqs, step.launched)
         self._report(filled, outputs, quiet)
@@ -618,7 +618,7 @@ class LLMEngine:
         try:
             for step in self.in_flight:  # a launched step's tokens are right: keep them
                 token_ids = self.runner.collect(step.launched)
-                filled = self.scheduler.fill(step.seqs, token_ids)
+                filled = fill(self.scheduler, step.seqs, token_ids)
                 self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
                 self._take_prompt_logprobs(step.seqs, step.launched)
             if self.config.device == "cuda":
@@ -781,6 +781,21 @@ def logprob_entry(
     for r, (t, lp) in enumerate(zip(ids[1:], top)):  # ids[0] keeps its entry if among the top k
         entry.setdefault(t, Logprob(lp, r + 1, texts[r + 1]))
     return entry
+
+
+def fill(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+    """Write each sampled token over its sequence's PENDING newest token and end the sequences that
+    stop on it; return the sequences filled (those whose newest token was PENDING)."""
+    filled = []
+    for seq, token in zip(seqs, token_ids):
+        if seq.token_ids[-1:] != [PENDING]:
+            continue  # its step was never counted, or it was filled already
+        seq.token_ids[-1] = token
+        filled.append(seq)
+        reason = None if seq.is_finished else scheduler.finish_reason(seq, token)
+        if reason is not None:  # running, or waiting: preempted while its token was on the device
+            scheduler.finish(seq, reason)
+    return filled
 
 
 @contextmanager

@@ -34,8 +34,11 @@ from cleanvllm.sampler import (
     sample_temperature_triton,
 )
 from cleanvllm.sampling_params import SamplingParams
-from cleanvllm.scheduler import PENDING
 from cleanvllm.sequence import Sequence
+
+# An input id whose token is still on the device: chapter 8 launches a step before it has read the
+# one before, and the runner reads such an id from the token its row sampled last (last_token).
+PENDING = -1
 
 
 @dataclass

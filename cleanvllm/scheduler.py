@@ -16,8 +16,6 @@ from collections import deque
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.sequence import Sequence, SequenceStatus
 
-PENDING = -1  # a sampled token still on the device: counted by postprocess, its value set by fill
-
 
 class Scheduler:
     """Decides, step by step, which sequences run and how many tokens each computes."""
@@ -149,7 +147,7 @@ class Scheduler:
             raise self._stuck()
         return scheduled, False
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def finish_reason(self, seq: Sequence, token: int) -> str | None:
         """Why the sequence ends after its newest token `token`: "length", "stop", or None."""
         sp, n = seq.sampling_params, len(seq.token_ids) - seq.num_prompt_tokens
         if n >= sp.max_tokens:
@@ -182,7 +180,7 @@ class Scheduler:
             if seq.num_cached_tokens < len(seq.token_ids):
                 continue  # a prefill chunk that does not reach the end: no token yet
             seq.append_token(token)
-            reason = self._stop_reason(seq, token)
+            reason = self.finish_reason(seq, token)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
@@ -197,22 +195,6 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.status != SequenceStatus.FINISHED:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-
-    def fill(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Write each sequence's sampled token over its PENDING newest token and end the sequences that
-        stop on it; return the sequences filled (those whose newest token was PENDING)."""
-        filled = []
-        for seq, token in zip(seqs, token_ids):
-            if not seq.token_ids or seq.token_ids[-1] != PENDING:
-                continue
-            seq.token_ids[-1] = token
-            filled.append(seq)
-            if seq.is_finished or self._stop_reason(seq, token) is None:
-                continue
-            self.finish(
-                seq, "stop"
-            )  # running, or waiting if preempted while its token was on the device
-        return filled
 
     def preempt_all(self) -> None:
         """Preempt every running sequence, newest first; free what a cut-short admission left."""

@@ -1,7 +1,14 @@
 """The engine end to end on the tiny checkpoint (CPU), against Hugging Face transformers."""
+import random
+
 import pytest
 
-from cleanvllm.engine import LLM
+from cleanvllm.block_manager import BlockManager
+from cleanvllm.engine import LLM, fill
+from cleanvllm.model_runner import PENDING
+from cleanvllm.scheduler import Scheduler
+from cleanvllm.sequence import Sequence, SequenceStatus
+from cleanvllm.simulate import FakeModel, simulate
 from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy, prompts
 
@@ -377,3 +384,53 @@ def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(tiny_model
             llm.generate(["Hello"], SamplingParams(max_tokens=3))
     assert shown[-1] == {"prefill": "10 tok/s", "decode": "8 tok/s"}, shown
     assert shown[1]["decode"] == "4 tok/s", shown
+
+
+def _stop_workload(seed, n=24, bs=8):
+    rng = random.Random(seed)
+    seqs = []
+    for _ in range(n):
+        m = rng.randint(1, 30)
+        sp = SamplingParams(max_tokens=m, stop_token_ids=[rng.randint(0, 49)], min_tokens=rng.randint(0, min(m, 3)))
+        seqs.append(Sequence([rng.randint(0, 49) for _ in range(rng.randint(1, 40))], sp, block_size=bs))
+    return seqs
+
+
+def _overlapped(sch: Scheduler, seqs: list[Sequence], model: FakeModel) -> None:
+    """The overlapped loop on chapter 4's fake model: a step is scheduled and run before the one
+    before it is filled; it is counted with PENDING tokens, and filled one step later."""
+    for s in seqs:
+        sch.add(s)
+    in_flight = None  # (sequences, their sampled tokens): run, not yet filled
+    while not sch.is_finished() or in_flight:
+        batch = sch.schedule()[0] if not sch.is_finished() else []
+        sampled = dict(zip(map(id, in_flight[0]), in_flight[1])) if in_flight else {}
+        pending = [s for s in batch if s.token_ids[-1] == PENDING]
+        for s in pending:  # the device reads the value the step before sampled; the host does not
+            s.token_ids[-1] = sampled[id(s)]
+        out = model.execute(batch)
+        for s in pending:
+            s.token_ids[-1] = PENDING
+        if in_flight:
+            fill(sch, *in_flight)
+        live = [s for s in batch if s.status == SequenceStatus.RUNNING]
+        sch.postprocess(live, [PENDING] * len(live))
+        in_flight = (batch, out) if batch else None
+
+
+@pytest.mark.tasks("4.8", "8.36")
+@pytest.mark.parametrize("seed", range(3))
+def test_counting_pending_tokens_then_filling_them_changes_no_output(seed):
+    """Stop tokens, min_tokens, max_tokens, chunked prefill and preemption in a small pool: the
+    overlapped loop (count with PENDING, fill a step later) gives the plain loop's tokens and
+    reasons, and leaves every block free."""
+    runs = []
+    for overlap in (False, True):
+        sch, seqs = Scheduler(6, 32, BlockManager(24, 8)), _stop_workload(seed)
+        model = FakeModel(24, 8, vocab=50)
+        _overlapped(sch, seqs, model) if overlap else simulate(sch, seqs, model)
+        runs.append([(s.completion_token_ids, s.finish_reason) for s in seqs])
+        assert sch.block_manager.num_free_blocks == 24 and sch.is_finished()
+        assert all(PENDING not in s.token_ids for s in seqs)
+    assert runs[1] == runs[0]
+    assert {r for _, r in runs[0]} == {"stop", "length"}, "the workload should end both ways"
