@@ -171,7 +171,7 @@ def test_interrupt_anywhere_in_a_step_loses_nothing(llm, hf_model, monkeypatch, 
     ps, other = _prompts([5, 20, 9], seed=12), _prompts([13], seed=13)[0]
     other_id = llm.add_request(other, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     name, _, when = point.partition(":")
-    owner = {"prepare_batch": engine_module, "execute": llm.runner, "launch": llm.runner,
+    owner = {"prepare_batch": engine_module, "fill": engine_module, "execute": llm.runner, "launch": llm.runner,
              "collect": llm.runner, "update": llm.outputs}.get(name, llm.scheduler)
     real, calls = getattr(owner, name), {"n": 0}
 
