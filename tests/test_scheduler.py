@@ -13,7 +13,7 @@ from cleanvllm.block_manager import BlockManager  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
 from cleanvllm.scheduler import Scheduler  # noqa: E402
 from cleanvllm.sequence import Sequence, SequenceStatus  # noqa: E402
-from cleanvllm.simulate import FakeModel, fake_next_token, simulate  # noqa: E402
+from cleanvllm.simulate import fake_next_token, simulate  # noqa: E402
 
 CHAPTERS = ("04",)  # `make check CH=04` runs this file (tools/check.py)
 SCHEDULING = ("4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7", "4.8")
