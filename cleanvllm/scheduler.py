@@ -159,8 +159,8 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence now: a running one, a waiting one (preempted while its newest token was still
-        on the device, chapter 8), or a finished one whose reason changes (the engine's stop strings)."""
+        """End a sequence now: a running one, a waiting one (preempted before the token that stops it was
+        known: chapter 8), or a finished one whose reason changes (the engine's stop strings)."""
         self.block_manager.deallocate(seq)  # first: a finished sequence never holds blocks
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

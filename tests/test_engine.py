@@ -386,6 +386,26 @@ def test_the_progress_bar_shows_each_kind_of_steps_rate_over_the_call(tiny_model
     assert shown[1]["decode"] == "4 tok/s", shown
 
 
+@pytest.mark.tasks("8.36")
+def test_fill_keeps_what_ended_a_sequence_before_its_value_came():
+    """By hand: four sequences counted with PENDING tokens, then each gets the stop token 7. One was
+    finished by max_tokens when counted, one aborted and one preempted since; one still runs."""
+    sch = Scheduler(4, 64, BlockManager(8, 4))
+    seqs = [Sequence([1, 2], SamplingParams(max_tokens=n, stop_token_ids=[7]), block_size=4) for n in (1, 3, 3, 3)]
+    for s in seqs:
+        sch.add(s)
+    step, _ = sch.schedule()
+    sch.postprocess(step, [PENDING] * len(step))
+    by_length, aborted, preempted, running = step
+    sch.abort(aborted)
+    sch.preempt(preempted)
+    assert fill(sch, step, [7, 7, 7, 7]) == step
+    assert [s.finish_reason for s in step] == ["length", "abort", "stop", "stop"]
+    assert [s.completion_token_ids for s in step] == [[7]] * 4
+    assert not sch.running and not sch.waiting and sch.block_manager.num_free_blocks == 8
+    assert fill(sch, step, [1, 1, 1, 1]) == [], "a second fill changes nothing"
+
+
 def _stop_workload(seed, n=24, bs=8):
     rng = random.Random(seed)
     seqs = []

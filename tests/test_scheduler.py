@@ -213,13 +213,17 @@ def test_finish_reason(output, params, want):
 
 
 @pytest.mark.tasks("4.7")
-def test_finish_frees_the_blocks_and_leaves_running():
+def test_finish_frees_the_blocks_and_leaves_its_queue():
     sch = Scheduler(4, 64, BlockManager(8, 4))
     a, b = running(sch, list(range(9)), list(range(20, 26)))
     sch.finish(b, "stop")
     assert b.status == SequenceStatus.FINISHED and b.finish_reason == "stop" and b.block_table == []
     assert ids(sch.running) == ids([a]) and sch.block_manager.num_free_blocks == 5
     assert b.completion_token_ids == [0]
+    sch.preempt(a)  # a waits, holding nothing: finish takes it out of waiting too
+    sch.finish(a, "stop")
+    assert not sch.waiting and not sch.running and a.finish_reason == "stop"
+    assert sch.block_manager.num_free_blocks == 8
 
 
 @pytest.mark.tasks("4.8")
