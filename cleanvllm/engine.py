@@ -788,7 +788,7 @@ def fill(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int]) -> li
     stop on it; return the sequences filled (those whose newest token was PENDING)."""
     filled = []
     for seq, token in zip(seqs, token_ids):
-        if seq.token_ids[-1:] != [PENDING]:
+        if seq.token_ids[-1] != PENDING:
             continue  # its step was never counted, or it was filled already
         seq.token_ids[-1] = token
         filled.append(seq)

@@ -6,10 +6,10 @@ import pytest
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.engine import LLM, fill
 from cleanvllm.model_runner import PENDING
+from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence, SequenceStatus
 from cleanvllm.simulate import FakeModel, simulate
-from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy, prompts
 
 CHAPTERS = ("08",)  # `make check CH=08` runs this file (tools/check.py)
