@@ -303,13 +303,14 @@ def core_lines() -> dict[str, int]:
 
 def stats() -> int:
     core = core_lines()
-    total_core, total_task_core = sum(core.values()), 0
+    total_core, total_task_core, total_task = sum(core.values()), 0, 0
     print(f"{'chapter':22} {'tasks':>5} {'task lines':>10} {'export lines':>12} {'share':>6} "
           f"{'median cell':>11} {'diagrams':>8}")
     for ref in chapters():
         nb = nbformat.read(ref, as_version=4)
         tasks = parse_tasks(ref, nb)
         task_lines = sum(code_lines(nb.cells[t.cell].source.splitlines()[t.first : t.end]) for t in tasks)
+        total_task += task_lines
         total_task_core += sum(code_lines(nb.cells[t.cell].source.splitlines()[t.first : t.end])
                                for t in tasks if t.module in core)
         export_lines = sum(code_lines(c.source.splitlines()) for c in nb.cells
@@ -320,7 +321,8 @@ def stats() -> int:
         print(f"{ref.stem:22} {len(tasks):5} {task_lines:10} {export_lines:12} {share:6.0%} "
               f"{statistics.median(sizes):11.0f} {diagrams:8}")
     print(f"engine core: tasks hold {total_task_core} of its {total_core} code lines "
-          f"({total_task_core / total_core:.0%})")
+          f"({total_task_core / total_core:.0%}); all tasks, the benchmark's and harness's too: "
+          f"{total_task} lines")
     return 0
 
 
