@@ -726,21 +726,23 @@ def table(res: dict) -> str:
 
 def sweep_table(res: dict) -> str:
     """The sweep as a markdown table: batch, decode tok/s, floor tok/s, fraction of the floor, the
-    time of a decode step and (where measured) the model runner's share of it."""
+    time of a decode step, how much of it is above the step's floor, and (where measured) the model
+    runner's share of it."""
     runner = "runner_seconds" in res["sweep"][0]
     lines = [
         f"{res['device']}, {res['bandwidth_GBps']:,.1f} GB/s measured, prompt {res['prompt_len']} "
         f"tokens, {res['new_tokens']} new tokens, CUDA graphs {res['cuda_graphs']}, "
         f"commit {res.get('commit')}, {res.get('date')}",
         "",
-        "| batch | decode tok/s | floor tok/s | of the floor | ms per step |"
+        "| batch | decode tok/s | floor tok/s | of the floor | ms per step | above the floor, ms |"
         + (" runner's share, ms |" if runner else ""),
-        "|---|---|---|---|---|" + ("---|" if runner else ""),
+        "|---|---|---|---|---|---|" + ("---|" if runner else ""),
     ]
     for r in res["sweep"]:
         steps = r["tokens"] / r["batch"]
         cells = [r["batch"], f"{r['tokens_per_s']:,.0f}", f"{r['floor_tokens_per_s']:,.0f}"]
-        cells += [f"{r['fraction']:.2f}", f"{r['seconds'] / steps * 1e3:.2f}"]
+        step, floor = r["seconds"] / steps, r["batch"] / r["floor_tokens_per_s"]
+        cells += [f"{r['fraction']:.2f}", f"{step * 1e3:.2f}", f"{(step - floor) * 1e3:.2f}"]
         if runner:
             cells.append(f"{r['runner_seconds'] / steps * 1e3:.2f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
