@@ -1,8 +1,10 @@
 """A decode layer's four GEMMs of Qwen3-0.6B (y = x @ W.T) on a GPU: a probe for issue 22, not part
-of the package. Results: benchmarks/RESULTS.md, section "2026-12-07, 15:10-15:30 UTC".
+of the package. Results: benchmarks/RESULTS.md, sections "2026-12-07, 15:10-15:30 UTC" and
+"2026-12-07, 17:31-18:17 UTC".
 
     python benchmarks/probes/decode_gemms.py tiles   # cuBLAS against the fastest Triton tiles
     python benchmarks/probes/decode_gemms.py chain   # the four as a dependent chain, with PDL
+    python benchmarks/probes/decode_gemms.py persist # the chain as one persistent launch
 
 `tiles`: for every batch size M and each projection (q/k/v 1,024 -> 4,096, o 2,048 -> 1,024,
 gate/up 1,024 -> 6,144, down 3,072 -> 1,024) it tries a grid of tiles (and split-K for the two of
@@ -15,7 +17,12 @@ before reading it), signalled at the kernel's start or after its loop; and PDL w
 pulling its slice of the weights into L2 before it waits (weights never depend on the kernel
 before). A PDL chain must give the plain Triton chain's output bit for bit (the same arithmetic,
 launched differently): a race would show there.
-Both use 28 distinct weight sets, so every launch reads its weights from HBM (one layer's 31 MB
+`chain` also loads the first two tiles of W before the wait ("preload", signalled at the start or
+after the loop). `persist`: the same chain as one launch of one program per SM, the GEMMs as phases
+separated by a grid-wide barrier (an atomic counter), each program computing the same tiles as the
+one-launch-per-GEMM chain (so the outputs must be equal bit for bit), with and without pulling the
+next phase's weights into L2 before the barrier; a barrier that times out sets an error flag.
+All use 28 distinct weight sets, so every launch reads its weights from HBM (one layer's 31 MB
 would fit in the 50 MB L2), and time CUDA-graph replays (do_bench's median), per launch or layer.
 """
 
@@ -44,7 +51,8 @@ def _prefetch_l2(p):
 
 @triton.jit
 def gemm(x, w, y, M, N, K, sxm, swn, sym, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-         SPLIT: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+         SPLIT: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr,
+         PRELOAD: tl.constexpr = False):  # fmt: skip
     """One [BM, BN] tile of y over K / SPLIT of the inputs; SPLIT > 1 adds into a float32 y."""
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -54,12 +62,20 @@ def gemm(x, w, y, M, N, K, sxm, swn, sym, BM: tl.constexpr, BN: tl.constexpr, BK
     if PREFETCH:  # one address per 128-byte line of this CTA's rows of W
         lines = tl.arange(0, 64)
         _prefetch_l2(tl.where(lines[None, :] < K // 64, w + rn[:, None] * swn + lines[None, :] * 64, w))
+    xp = x + rm[:, None] * sxm + rk[None, :]
+    wp = w + rn[None, :] * swn + rk[:, None]
+    if PRELOAD:  # the first two tiles of W into registers while the kernel before still runs
+        w0 = tl.load(wp)
+        w1 = tl.load(wp + BK)
     if PDL:
         gdc_wait()  # x was written by the kernel before
     acc = tl.zeros([BM, BN], tl.float32)
-    xp = x + rm[:, None] * sxm + rk[None, :]
-    wp = w + rn[None, :] * swn + rk[:, None]
-    for _ in range(0, K // SPLIT, BK):
+    if PRELOAD:
+        acc = tl.dot(tl.load(xp, mask=rm[:, None] < M, other=0.0), w0, acc)
+        acc = tl.dot(tl.load(xp + BK, mask=rm[:, None] < M, other=0.0), w1, acc)
+        xp += 2 * BK
+        wp += 2 * BK
+    for _ in range(2 * BK if PRELOAD else 0, K // SPLIT, BK):
         acc = tl.dot(tl.load(xp, mask=rm[:, None] < M, other=0.0), tl.load(wp), acc)
         xp += BK
         wp += BK
@@ -73,19 +89,123 @@ def gemm(x, w, y, M, N, K, sxm, swn, sym, BM: tl.constexpr, BN: tl.constexpr, BK
 
 
 def launch(x, w, y, tile, pdl=None):
-    """y = x @ w.T with `tile` = (BM, BN, BK, warps, stages[, splits]); pdl: None, "start", "end"
-    or "prefetch" (signalled at the start, and the weights pulled into L2)."""
+    """y = x @ w.T with `tile` = (BM, BN, BK, warps, stages[, splits]); pdl: None, "start", "end",
+    "prefetch" (signalled at the start, and the weights pulled into L2), or "preload-start" and
+    "preload-end" (the first two tiles of W loaded before the wait; at least 2 tiles per split)."""
     (BM, BN, BK, warps, stages), split = tile[:5], (tile[5] if len(tile) > 5 else 1)
     (M, K), N = x.shape, w.shape[0]
     out = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split > 1 else y
     gemm[(N // BN, triton.cdiv(M, BM), split)](
         x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK,
-        SPLIT=split, PDL=pdl is not None, EARLY=pdl != "end", PREFETCH=pdl == "prefetch",
+        SPLIT=split, PDL=pdl is not None, EARLY=pdl not in ("end", "preload-end"), PREFETCH=pdl == "prefetch",
+        PRELOAD=pdl in ("preload-start", "preload-end"),
         num_warps=warps, num_stages=stages, launch_pdl=pdl is not None,
     )  # fmt: skip
     if split > 1:
         y.copy_(out)  # the cast back is part of split-K's cost
     return y
+
+
+@triton.jit
+def _tiles(x, w, y, M, N: tl.constexpr, K: tl.constexpr, sxm, swn, sym, pid, G,
+           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """One GEMM phase of `persistent`: program pid computes tiles pid, pid + G, ... of y = x @ w.T,
+    each exactly as `gemm` computes it (the same loads and dots in the same order)."""
+    n_n = N // BN
+    for t in range(pid, tl.cdiv(M, BM) * n_n, G):
+        rm = (t // n_n) * BM + tl.arange(0, BM)
+        rn = (t % n_n) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], tl.float32)
+        xp = x + rm[:, None] * sxm + rk[None, :]
+        wp = w + rn[None, :] * swn + rk[:, None]
+        for _ in range(0, K, BK):  # x was written by other programs: read it past L1 (.cg)
+            xt = tl.load(xp, mask=rm[:, None] < M, other=0.0, cache_modifier=".cg")
+            acc = tl.dot(xt, tl.load(wp), acc)
+            xp += BK
+            wp += BK
+        tl.store(y + rm[:, None] * sym + rn[None, :], acc.to(y.dtype.element_ty), mask=rm[:, None] < M)
+
+
+@triton.jit
+def _prefetch_tiles(w, M, N: tl.constexpr, K: tl.constexpr, swn, pid, G, BM: tl.constexpr,
+                    BN: tl.constexpr):  # fmt: skip
+    """Pull into L2 the rows of w that program pid's tiles of the next phase will read."""
+    n_n = N // BN
+    for t in range(pid, tl.cdiv(M, BM) * n_n, G):
+        rn = (t % n_n) * BN + tl.arange(0, BN)
+        lines = tl.arange(0, 64)
+        _prefetch_l2(tl.where(lines[None, :] < K // 64, w + rn[:, None] * swn + lines[None, :] * 64, w))
+
+
+@triton.jit
+def _grid_sync(bar, target, err, LIMIT: tl.constexpr):
+    """Wait until the counter `bar` reaches target (every program arrived); after LIMIT polls, give
+    up and set *err, so that a broken barrier ends in an error, not a hang."""
+    tl.debug_barrier()  # every thread's stores of this phase before this program's arrival
+    tl.atomic_add(bar, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
+    n = 0
+    while (seen < target) & (n < LIMIT):
+        seen = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
+        n += 1
+    if seen < target:
+        tl.atomic_xchg(err, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _phase(x, w, y, M, N: tl.constexpr, K: tl.constexpr, sxm, swn: tl.constexpr, sym: tl.constexpr,
+           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, w2, N2: tl.constexpr, K2: tl.constexpr,
+           swn2: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr, pid, G, bar, target, err,
+           LIMIT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    """One GEMM of `persistent` (this program's tiles), then, with PREFETCH, the next GEMM's weights
+    (w2: N2 x K2) into L2, then the grid-wide barrier."""
+    _tiles(x, w, y, M, N, K, sxm, swn, sym, pid, G, BM, BN, BK)
+    if PREFETCH:
+        _prefetch_tiles(w2, M, N2, K2, swn2, pid, G, BM2, BN2)
+    _grid_sync(bar, target, err, LIMIT)
+
+
+@triton.jit
+def persistent(h0, wq, wo, wg, wd, bq, bo, bg, bd, bar, err, M, LAYERS,
+               QM: tl.constexpr, QN: tl.constexpr, QK: tl.constexpr, OM: tl.constexpr,
+               ON: tl.constexpr, OK: tl.constexpr, GM: tl.constexpr, GN: tl.constexpr,
+               GK: tl.constexpr, DM: tl.constexpr, DN: tl.constexpr, DK: tl.constexpr,
+               LIMIT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    """The whole chain of `chain` in one launch of one program per SM: the four GEMMs of each layer
+    as phases separated by a grid-wide barrier (the next phase reads what every program wrote).
+    w*: [LAYERS, N, K] weights, b*: [LAYERS, M, N] outputs; with PREFETCH, each program pulls its
+    next phase's weights into L2 before it waits at the barrier."""
+    pid, G = tl.program_id(0), tl.num_programs(0)
+    x = h0
+    for i in range(LAYERS):
+        q, o, g, d = bq + i * M * 4096, bo + i * M * 1024, bg + i * M * 6144, bd + i * M * 1024
+        nxt = (i + 1) % LAYERS  # the next layer's q/k/v weights (the last layer: the first's, unused)
+        s = 4 * i  # barriers passed before this layer
+        _phase(x, wq + i * 4096 * 1024, q, M, 4096, 1024, 1024, 1024, 4096, QM, QN, QK,
+               wo + i * 1024 * 2048, 1024, 2048, 2048, OM, ON, pid, G, bar, (s + 1) * G, err, LIMIT, PREFETCH)  # fmt: skip
+        _phase(q, wo + i * 1024 * 2048, o, M, 1024, 2048, 4096, 2048, 1024, OM, ON, OK,
+               wg + i * 6144 * 1024, 6144, 1024, 1024, GM, GN, pid, G, bar, (s + 2) * G, err, LIMIT, PREFETCH)  # fmt: skip
+        _phase(o, wg + i * 6144 * 1024, g, M, 6144, 1024, 1024, 1024, 6144, GM, GN, GK,
+               wd + i * 1024 * 3072, 1024, 3072, 3072, DM, DN, pid, G, bar, (s + 3) * G, err, LIMIT, PREFETCH)  # fmt: skip
+        _phase(g, wd + i * 1024 * 3072, d, M, 1024, 3072, 6144, 3072, 1024, DM, DN, DK,
+               wq + nxt * 4096 * 1024, 4096, 1024, 1024, QM, QN, pid, G, bar, (s + 4) * G, err, LIMIT, PREFETCH)  # fmt: skip
+        x = d
+
+
+def launch_persistent(h0, Ws, bufs, tiles, programs, prefetch=False, limit=1 << 20):
+    """One launch of `persistent`; Ws / bufs: {name: [LAYERS, ...]}; tiles: {name: (BM, BN, BK,
+    warps, stages)}; returns (the last layer's output, the error flag)."""
+    bar = torch.zeros(1, device=h0.device, dtype=torch.int32)
+    err = torch.zeros(1, device=h0.device, dtype=torch.int32)
+    t = {k: v[:3] for k, v in tiles.items()}
+    persistent[(programs,)](
+        h0, Ws["qkv"], Ws["o"], Ws["gate_up"], Ws["down"], bufs["qkv"], bufs["o"], bufs["gate_up"],
+        bufs["down"], bar, err, h0.shape[0], Ws["qkv"].shape[0], *t["qkv"], *t["o"], *t["gate_up"],
+        *t["down"], LIMIT=limit, PREFETCH=prefetch, num_warps=tiles["qkv"][3], num_stages=tiles["qkv"][4],
+    )  # fmt: skip
+    return bufs["down"][-1], err
 
 
 def per_launch_us(fn, launches: int) -> float:
@@ -99,6 +219,20 @@ def per_launch_us(fn, launches: int) -> float:
             fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3 / launches
+
+
+def timed(M: int, way: str, run, outs: dict) -> str:
+    """Time `run` (L layers) per layer, keep its output in outs[way] and compare it bit for bit with
+    the plain Triton chain's (when that ran first); the table's cell."""
+    try:
+        t = per_launch_us(run, L)
+        outs[way] = run().clone()
+        same = "" if way == "triton" or "triton" not in outs else f" equal to the plain chain: {torch.equal(outs[way], outs['triton'])}"
+        print(f"M={M:4d} {way:26s} {t:6.2f} us per layer{same}", flush=True)
+        return f"{t:.1f}"
+    except Exception as e:
+        print(f"M={M:4d} {way:26s} failed: {repr(e)[:300]}", flush=True)
+        return "failed"
 
 
 def weights() -> dict:
@@ -147,7 +281,7 @@ def tiles() -> None:
 def chain() -> None:
     W = weights()
     best = json.load(open(os.path.join(HERE, "h100_gemm_tiles.json")))["best"]
-    ways = ("cublas", "triton", "start", "end", "prefetch")
+    ways = ("cublas", "triton", "start", "end", "prefetch", "preload-start", "preload-end")
     table = []
     for M in MS:
         h0 = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(M))
@@ -167,21 +301,53 @@ def chain() -> None:
                     h = mm(mm(mm(mm(h, "qkv", i)[:, :2048], "o", i), "gate_up", i)[:, :3072], "down", i)
                 return h
 
-            try:
-                t = per_launch_us(run, L)
-                outs[way] = run().clone()
-                same = "" if way in ("cublas", "triton") else f" equal to the plain chain: {torch.equal(outs[way], outs['triton'])}"
-                line.append(f"{t:.1f}")
-                print(f"M={M:4d} {way:8s} {t:6.2f} us per layer{same}", flush=True)
-            except Exception as e:
-                line.append("failed")
-                print(f"M={M:4d} {way:8s} failed: {repr(e)[:300]}", flush=True)
+            line.append(timed(M, way, run, outs))
         table.append(line)
-    print("\nus per layer, four dependent GEMMs; PDL signalled at the kernel's start, after its loop, or at the start with the L2 prefetch")
-    print("| M | cuBLAS | Triton | PDL, start | PDL, after the loop | PDL + L2 prefetch |")
+    print("\nus per layer, four dependent GEMMs; PDL signalled at the kernel's start, after its loop, at the start with the L2 prefetch; the first two tiles of W loaded before the wait, signalled at the start or after the loop")
+    print("| M | cuBLAS | Triton | PDL, start | PDL, after the loop | PDL + L2 prefetch | preload, start | preload, after the loop |")
+    for line in table:
+        print("| " + " | ".join(map(str, line)) + " |")
+
+
+def persist() -> None:
+    """`chain`'s four GEMMs x 28 layers as one persistent launch against one launch per GEMM (plain
+    and PDL after the loop), the same tiles, so the outputs must be equal bit for bit."""
+    Ws = {k: torch.stack(v) for k, v in weights().items()}
+    best = json.load(open(os.path.join(HERE, "h100_gemm_tiles.json")))["best"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = []
+    for M in MS:
+        tiles = {k: best[f"{M}/{k}"][:5] for k in SHAPES}
+        h0 = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(M))
+        bufs = {k: torch.empty(L, M, n, device="cuda", dtype=torch.bfloat16) for k, (n, _) in SHAPES.items()}
+        line, outs = [M], {}
+        for way in ("triton", "end", "persistent", "persistent + L2 prefetch"):
+            if way in ("triton", "end"):
+                pdl = None if way == "triton" else "end"
+
+                def run():
+                    h = h0
+                    for i in range(L):
+                        q = launch(h, Ws["qkv"][i], bufs["qkv"][i], tiles["qkv"], pdl)
+                        o = launch(q[:, :2048], Ws["o"][i], bufs["o"][i], tiles["o"], pdl)
+                        g = launch(o, Ws["gate_up"][i], bufs["gate_up"][i], tiles["gate_up"], pdl)
+                        h = launch(g[:, :3072], Ws["down"][i], bufs["down"][i], tiles["down"], pdl)
+                    return h
+            else:
+
+                def run():
+                    out, err = launch_persistent(h0, Ws, bufs, tiles, sms, way != "persistent", 1 << 16)
+                    if not torch.cuda.is_current_stream_capturing() and err.item():
+                        raise RuntimeError("a grid barrier timed out (programs not all resident?)")
+                    return out
+
+            line.append(timed(M, way, run, outs))
+        table.append(line)
+    print(f"\nus per layer, four dependent GEMMs, {sms} programs for the persistent kernel")
+    print("| M | Triton, a launch per GEMM | PDL after the loop | one persistent launch | persistent + L2 prefetch |")
     for line in table:
         print("| " + " | ".join(map(str, line)) + " |")
 
 
 if __name__ == "__main__":
-    {"tiles": tiles, "chain": chain}[sys.argv[1] if len(sys.argv) > 1 else "tiles"]()
+    {"tiles": tiles, "chain": chain, "persist": persist}[sys.argv[1] if len(sys.argv) > 1 else "tiles"]()
