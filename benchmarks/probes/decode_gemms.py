@@ -21,7 +21,9 @@ launched differently): a race would show there.
 after the loop). `persist`: the same chain as one launch of one program per SM, the GEMMs as phases
 separated by a grid-wide barrier (an atomic counter), each program computing the same tiles as the
 one-launch-per-GEMM chain (so the outputs must be equal bit for bit), with and without pulling the
-next phase's weights into L2 before the barrier; a barrier that times out sets an error flag.
+next phase's weights into L2 before the barrier (a prefetch per 128-byte line, or Hopper's bulk
+prefetch of each tile's block; this one has only been compiled for sm_90 on a CPU machine, never
+run); a barrier that times out sets an error flag.
 All use 28 distinct weight sets, so every launch reads its weights from HBM (one layer's 31 MB
 would fit in the 50 MB L2), and time CUDA-graph replays (do_bench's median), per launch or layer.
 """
@@ -128,14 +130,30 @@ def _tiles(x, w, y, M, N: tl.constexpr, K: tl.constexpr, sxm, swn, sym, pid, G,
 
 
 @triton.jit
-def _prefetch_tiles(w, M, N: tl.constexpr, K: tl.constexpr, swn, pid, G, BM: tl.constexpr,
-                    BN: tl.constexpr):  # fmt: skip
-    """Pull into L2 the rows of w that program pid's tiles of the next phase will read."""
+def _prefetch_bulk(p, nbytes):
+    """Hopper's bulk prefetch: nbytes (a multiple of 16) from p (16-byte aligned) into L2."""
+    return tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [p, nbytes],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _prefetch_tiles(w, M, N: tl.constexpr, K: tl.constexpr, swn: tl.constexpr, pid, G,
+                    BM: tl.constexpr, BN: tl.constexpr, BULK: tl.constexpr):  # fmt: skip
+    """Pull into L2 the rows of w that program pid's tiles of the next phase will read: one
+    `prefetch.global.L2` per 128-byte line, or (BULK) the tile's BN x K block, contiguous, as 128
+    bulk prefetches of BN * K / 128 elements each."""
     n_n = N // BN
     for t in range(pid, tl.cdiv(M, BM) * n_n, G):
-        rn = (t % n_n) * BN + tl.arange(0, BN)
-        lines = tl.arange(0, 64)
-        _prefetch_l2(tl.where(lines[None, :] < K // 64, w + rn[:, None] * swn + lines[None, :] * 64, w))
+        if BULK:
+            chunk: tl.constexpr = BN * K // 128
+            base = w + (t % n_n) * BN * swn
+            _prefetch_bulk(base + tl.arange(0, 128) * chunk, tl.full([128], chunk * 2, tl.int32))
+        else:
+            rn = (t % n_n) * BN + tl.arange(0, BN)
+            lines = tl.arange(0, 64)
+            _prefetch_l2(tl.where(lines[None, :] < K // 64, w + rn[:, None] * swn + lines[None, :] * 64, w))
 
 
 @triton.jit
@@ -162,8 +180,8 @@ def _phase(x, w, y, M, N: tl.constexpr, K: tl.constexpr, sxm, swn: tl.constexpr,
     """One GEMM of `persistent` (this program's tiles), then, with PREFETCH, the next GEMM's weights
     (w2: N2 x K2) into L2, then the grid-wide barrier."""
     _tiles(x, w, y, M, N, K, sxm, swn, sym, pid, G, BM, BN, BK)
-    if PREFETCH:
-        _prefetch_tiles(w2, M, N2, K2, swn2, pid, G, BM2, BN2)
+    if PREFETCH:  # 1: a prefetch per line, 2: bulk
+        _prefetch_tiles(w2, M, N2, K2, swn2, pid, G, BM2, BN2, PREFETCH == 2)
     _grid_sync(bar, target, err, LIMIT)
 
 
@@ -194,9 +212,10 @@ def persistent(h0, wq, wo, wg, wd, bq, bo, bg, bd, bar, err, M, LAYERS,
         x = d
 
 
-def launch_persistent(h0, Ws, bufs, tiles, programs, prefetch=False, limit=1 << 20):
+def launch_persistent(h0, Ws, bufs, tiles, programs, prefetch=0, limit=1 << 20):
     """One launch of `persistent`; Ws / bufs: {name: [LAYERS, ...]}; tiles: {name: (BM, BN, BK,
-    warps, stages)}; returns (the last layer's output, the error flag)."""
+    warps, stages)}; prefetch: 0, 1 (a prefetch per line) or 2 (bulk); returns (the last layer's
+    output, the error flag)."""
     bar = torch.zeros(1, device=h0.device, dtype=torch.int32)
     err = torch.zeros(1, device=h0.device, dtype=torch.int32)
     t = {k: v[:3] for k, v in tiles.items()}
@@ -321,7 +340,7 @@ def persist() -> None:
         h0 = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(M))
         bufs = {k: torch.empty(L, M, n, device="cuda", dtype=torch.bfloat16) for k, (n, _) in SHAPES.items()}
         line, outs = [M], {}
-        for way in ("triton", "end", "persistent", "persistent + L2 prefetch"):
+        for way in ("triton", "end", "persistent", "persistent + L2 prefetch", "persistent + bulk L2 prefetch"):
             if way in ("triton", "end"):
                 pdl = None if way == "triton" else "end"
 
@@ -336,7 +355,8 @@ def persist() -> None:
             else:
 
                 def run():
-                    out, err = launch_persistent(h0, Ws, bufs, tiles, sms, way != "persistent", 1 << 16)
+                    prefetch = {"persistent": 0, "persistent + L2 prefetch": 1}.get(way, 2)
+                    out, err = launch_persistent(h0, Ws, bufs, tiles, sms, prefetch, 1 << 16)
                     if not torch.cuda.is_current_stream_capturing() and err.item():
                         raise RuntimeError("a grid barrier timed out (programs not all resident?)")
                     return out
@@ -344,7 +364,7 @@ def persist() -> None:
             line.append(timed(M, way, run, outs))
         table.append(line)
     print(f"\nus per layer, four dependent GEMMs, {sms} programs for the persistent kernel")
-    print("| M | Triton, a launch per GEMM | PDL after the loop | one persistent launch | persistent + L2 prefetch |")
+    print("| M | Triton, a launch per GEMM | PDL after the loop | one persistent launch | persistent + L2 prefetch | persistent + bulk L2 prefetch |")
     for line in table:
         print("| " + " | ".join(map(str, line)) + " |")
 
