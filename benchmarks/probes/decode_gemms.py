@@ -16,7 +16,10 @@ dependent launch (PDL: a kernel may start once the one before signals, and waits
 before reading it), signalled at the kernel's start or after its loop; and PDL with each CTA
 pulling its slice of the weights into L2 before it waits (weights never depend on the kernel
 before). A PDL chain must give the plain Triton chain's output bit for bit (the same arithmetic,
-launched differently): a race would show there.
+launched differently), checked after every intermediate buffer was filled with NaN, so that a
+kernel reading its input too early would show. (Until commit 4eb681b the buffers were not refilled:
+a too-early read would have found the same values from the replay before, so the equalities
+reported in RESULTS.md's 17:31-18:17 section do not rule out a race.)
 `chain` also loads the first two tiles of W before the wait ("preload", signalled at the start or
 after the loop). `persist`: the same chain as one launch of one program per SM, the GEMMs as phases
 separated by a grid-wide barrier (an atomic counter), each program computing the same tiles as the
@@ -240,11 +243,16 @@ def per_launch_us(fn, launches: int) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3 / launches
 
 
-def timed(M: int, way: str, run, outs: dict) -> str:
-    """Time `run` (L layers) per layer, keep its output in outs[way] and compare it bit for bit with
-    the plain Triton chain's (when that ran first); the table's cell."""
+def timed(M: int, way: str, run, outs: dict, bufs: dict) -> str:
+    """Time `run` (L layers) per layer; then fill every intermediate buffer with NaN, run it once
+    more, keep its output in outs[way] and compare it bit for bit with the plain Triton chain's
+    (when that ran first). The NaNs make the comparison able to fail: a kernel that read its input
+    before the kernel before had written it would read NaN, not the same values from a replay."""
     try:
         t = per_launch_us(run, L)
+        for b in bufs.values():
+            for x in b if isinstance(b, list) else [b]:
+                x.fill_(float("nan"))
         outs[way] = run().clone()
         same = "" if way == "triton" or "triton" not in outs else f" equal to the plain chain: {torch.equal(outs[way], outs['triton'])}"
         print(f"M={M:4d} {way:26s} {t:6.2f} us per layer{same}", flush=True)
@@ -320,7 +328,7 @@ def chain() -> None:
                     h = mm(mm(mm(mm(h, "qkv", i)[:, :2048], "o", i), "gate_up", i)[:, :3072], "down", i)
                 return h
 
-            line.append(timed(M, way, run, outs))
+            line.append(timed(M, way, run, outs, bufs))
         table.append(line)
     print("\nus per layer, four dependent GEMMs; PDL signalled at the kernel's start, after its loop, at the start with the L2 prefetch; the first two tiles of W loaded before the wait, signalled at the start or after the loop")
     print("| M | cuBLAS | Triton | PDL, start | PDL, after the loop | PDL + L2 prefetch | preload, start | preload, after the loop |")
@@ -361,7 +369,7 @@ def persist() -> None:
                         raise RuntimeError("a grid barrier timed out (programs not all resident?)")
                     return out
 
-            line.append(timed(M, way, run, outs))
+            line.append(timed(M, way, run, outs, bufs))
         table.append(line)
     print(f"\nus per layer, four dependent GEMMs, {sms} programs for the persistent kernel")
     print("| M | Triton, a launch per GEMM | PDL after the loop | one persistent launch | persistent + L2 prefetch | persistent + bulk L2 prefetch |")
