@@ -309,10 +309,10 @@ def stats() -> int:
     for ref in chapters():
         nb = nbformat.read(ref, as_version=4)
         tasks = parse_tasks(ref, nb)
-        task_lines = sum(code_lines(nb.cells[t.cell].source.splitlines()[t.first : t.end]) for t in tasks)
+        lines = [(t, code_lines(nb.cells[t.cell].source.splitlines()[t.first : t.end])) for t in tasks]
+        task_lines = sum(n for _, n in lines)
         total_task += task_lines
-        total_task_core += sum(code_lines(nb.cells[t.cell].source.splitlines()[t.first : t.end])
-                               for t in tasks if t.module in core)
+        total_task_core += sum(n for t, n in lines if t.module in core)
         export_lines = sum(code_lines(c.source.splitlines()) for c in nb.cells
                            if c.cell_type == "code" and EXPORT.match(c.source.lstrip()))
         sizes = [len([x for x in c.source.splitlines() if x.strip()]) for c in nb.cells if c.cell_type == "code"]
