@@ -69,7 +69,7 @@ check: setup ## one chapter's invariant tests against the package: make check CH
 
 reset: setup ## put the reference chapter's modules back into the package: make reset CH=03
 	@test -n "$(CH)" || { echo "say which chapter: make reset CH=03"; exit 2; }
-	$(PY) tools/export.py notebooks/$(shell printf %02d $(CH))_*.ipynb
+	$(PY) tools/export.py notebooks/$(shell printf %02d $(patsubst 0%,%,$(CH)))_*.ipynb
 
 strip: setup ## remove outputs and execution counts from the notebooks (the git filter does it on commit)
 	$(VENV)/bin/nbstripout notebooks/*.ipynb

@@ -9,10 +9,14 @@ __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOut
 
 def __getattr__(name: str):
     # Lazy, so that `import cleanvllm.sequence` does not pull in the whole engine.
-    if name in ("LLM", "LLMEngine"):
-        from cleanvllm import engine
+    if name == "LLM":
+        from cleanvllm.llm import LLM
 
-        return getattr(engine, name)
+        return LLM
+    if name == "LLMEngine":
+        from cleanvllm.engine import LLMEngine
+
+        return LLMEngine
     if name == "SamplingParams":
         from cleanvllm.sampling_params import SamplingParams
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 
 QWEN3_0_6B = dict(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 
 QUESTIONS = ["What is the capital of France?", "Explain in one sentence what a KV cache is.",

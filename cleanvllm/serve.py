@@ -47,8 +47,10 @@ from transformers import AutoTokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cleanvllm
-from cleanvllm.engine import LLMEngine, RequestOutput, check_text, message_text, template_options
-from cleanvllm.outputs import CompletionOutput
+from cleanvllm.engine import LLMEngine
+from cleanvllm.input_processor import check_text
+from cleanvllm.llm import message_text, template_options
+from cleanvllm.outputs import CompletionOutput, RequestOutput
 from cleanvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 

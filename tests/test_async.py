@@ -3,7 +3,7 @@ next step, reading its PENDING input ids on the device, then collect the one bef
 bookkeeping is checked here against the plain loop."""
 import pytest
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import pool_is_sound, prompts
 

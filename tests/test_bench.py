@@ -138,7 +138,7 @@ def test_sweep_refuses_a_batch_larger_than_max_num_seqs(tiny_model):
 @pytest.mark.tasks('9.8')
 def test_runner_timer_times_each_runner_call_and_gives_the_method_back(tiny_model):
     from cleanvllm.bench import runner_timer, timed_decode
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
     from cleanvllm.sampling_params import SamplingParams
 
     with LLM(tiny_model, **TINY_ENGINE) as llm:
@@ -170,7 +170,7 @@ def test_time_generate_gives_the_prefills_share_and_the_method_back(tiny_model):
     import time
 
     from cleanvllm.bench import time_generate
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
     from cleanvllm.model_runner import Launched
     from cleanvllm.sampling_params import SamplingParams
 
@@ -324,7 +324,7 @@ def test_profile_json_on_cpu(tiny_model, tmp_path, capsys):
 
 def test_profile_leaves_the_engine_idle_and_the_runner_unwrapped(tiny_model):
     from cleanvllm.bench import profile_decode
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
 
     with LLM(tiny_model, **TINY_ENGINE) as llm:
         p = profile_decode(llm, batch=3, prompt_len=8, steps=2)

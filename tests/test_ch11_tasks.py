@@ -11,7 +11,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from cleanvllm.engine import LLM  # noqa: E402
+from cleanvllm.llm import LLM  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
 from cleanvllm.serve import (  # noqa: E402
     AsyncEngine,

@@ -12,7 +12,7 @@ import torch
 from cleanvllm.attention import gather_index, paged_attention_torch
 from cleanvllm.demo import (bench_prompts, chat_ids, engine_generate, first_difference, hf_generate, kv_blocks,
                             load_both, vs_transformers)
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.reference import reference_paged_attention
 from conftest import rel_err
 

@@ -4,7 +4,8 @@ import random
 import pytest
 
 from cleanvllm.block_manager import BlockManager
-from cleanvllm.engine import LLM, fill
+from cleanvllm.engine import fill
+from cleanvllm.llm import LLM
 from cleanvllm.model_runner import PENDING
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.scheduler import Scheduler
@@ -180,13 +181,13 @@ def test_last_step_stats(llm):
 
 @pytest.mark.tasks("8.6")
 def test_incremental_text_never_splits_a_character(llm):
-    from cleanvllm.engine import _Request
+    from cleanvllm.input_processor import Request
     from cleanvllm.sequence import Sequence
 
     text = "Snow \u2744 and \u96ea fall \U0001f389 done"
     ids = llm.tokenizer.encode(text)
     assert len(ids) > len(text.split())  # some characters take several byte tokens
-    req = _Request(Sequence([0], GREEDY, 16), None)
+    req = Request(Sequence([0], GREEDY, 16), None)
     shown = []
     for t in ids:
         req.seq.append_token(t)
@@ -217,7 +218,7 @@ def test_stop_matcher_is_right_and_its_cost_per_character_ignores_the_stop_set()
     import random
     import time
 
-    from cleanvllm.engine import StopMatcher
+    from cleanvllm.stop_strings import StopMatcher
 
     rng = random.Random(0)
     for _ in range(300):  # against the definitions, text fed in pieces as tokens arrive
@@ -294,7 +295,7 @@ def test_fast_decode_gives_what_the_tokenizer_gives(tiny_model):
 
     from transformers import AutoTokenizer
 
-    from cleanvllm.engine import fast_decode
+    from cleanvllm.output_processor import fast_decode
     from cleanvllm.smollm2 import smollm2_dir
 
     dirs = [tiny_model] + ([str(smollm2_dir())] if smollm2_dir().exists() else [])
@@ -324,7 +325,7 @@ def test_token_texts_are_batch_decode_of_each_id_alone_and_remembered(tiny_model
 
     from transformers import AutoTokenizer
 
-    from cleanvllm.engine import OutputProcessor
+    from cleanvllm.output_processor import OutputProcessor
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     out = OutputProcessor(tok, scheduler=None)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.outputs import CompletionOutput, RequestOutput
 from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy, prompts

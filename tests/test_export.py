@@ -1,6 +1,7 @@
 """tools/export.py: the notebooks are the source of the package."""
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -152,4 +153,37 @@ def test_committed_package_matches_the_notebooks():
 
 
 def test_exporter_stays_small():
-    assert len((ROOT / "tools" / "export.py").read_text().splitlines()) < 200
+    assert len((ROOT / "tools" / "export.py").read_text().splitlines()) < 230  # 200 until it wrote imports between modules
+
+
+def test_a_name_from_another_module_of_the_notebook_is_imported_from_it(tmp_path):
+    """One notebook is one namespace; its modules get the imports between them written for them,
+    and only for the names they use that they do not bind themselves."""
+    make_nb(tmp_path / "notebooks" / "01_a.ipynb", [
+        ("code", "#| default_exp alpha"),
+        ("code", '#| export beta\n"""Beta."""\n\n\ndef helper():\n    return 1\n\n\nLIMIT = 3\nSHADOW = 4'),
+        ("code", '#| export\n"""Alpha."""\n\nfrom os import sep as LIMIT\n\n\n'
+                 'def use(SHADOW):\n    return helper() + SHADOW, LIMIT'),
+        ("code", '#| export gamma\n"""Gamma."""\n\nZ = 1')])
+    (tmp_path / "cleanvllm").mkdir()
+    assert export.main([], root=tmp_path) == 0
+    alpha = (tmp_path / "cleanvllm" / "alpha.py").read_text()
+    imports = [line for line in alpha.splitlines() if "import" in line]
+    # helper is beta's; LIMIT is alpha's own import and SHADOW its argument: neither comes from beta
+    assert imports == ["from os import sep as LIMIT", "", "from cleanvllm.beta import helper"] or \
+        imports == ["from os import sep as LIMIT", "from cleanvllm.beta import helper"], imports
+    for other in ("beta", "gamma"):  # they use nothing of the others
+        assert "from cleanvllm" not in (tmp_path / "cleanvllm" / f"{other}.py").read_text()
+
+
+def test_a_notebook_that_is_not_there_is_refused(project):
+    """`make reset CH=08` once asked for notebooks/00_*.ipynb (printf read 08 as octal) and the
+    exporter wrote nothing, silently: a learner's code stayed in the package."""
+    with pytest.raises(SystemExit, match=r"no such notebook: notebooks/00_\*.ipynb"):
+        export.main(["notebooks/00_*.ipynb"], root=project)
+
+
+@pytest.mark.parametrize("ch", ["08", "8", "09", "11"])
+def test_make_reset_names_the_chapter(ch):
+    out = subprocess.run(["make", "-n", "reset", f"CH={ch}"], capture_output=True, text=True, cwd=ROOT)
+    assert f"tools/export.py notebooks/{int(ch):02d}_*.ipynb" in out.stdout, out.stdout + out.stderr

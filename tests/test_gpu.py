@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import gpu_only
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import prompts
 

@@ -5,7 +5,8 @@ and transformers' greedy output. CPU, tiny model."""
 
 import pytest
 
-from cleanvllm.engine import LLM, LLMEngine
+from cleanvllm.engine import LLMEngine
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 CHAPTERS = ("08",)  # `make check CH=08` runs this file (tools/check.py)

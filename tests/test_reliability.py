@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import pool_is_sound, hf_greedy
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from conftest import hf_greedy, pool_is_sound, prompts
 

@@ -161,7 +161,7 @@ def test_seeded_request_is_reproducible_through_the_engine(tiny_model, llm_kw):
     """Same prompt, params and model: same tokens whatever the chunking, the neighbours, the prefix
     cache or preemption do (issue 13 item 4). The old per-request generator, drawn at every step,
     changed with each of these."""
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
 
     p = _prompts([40], 0)[0]
     sp = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
@@ -188,7 +188,7 @@ def test_seeded_request_is_reproducible_through_the_engine(tiny_model, llm_kw):
 def test_min_tokens_keeps_stop_tokens_out_through_the_engine(tiny_model, hf_model, llm_kw):
     """The greedy first token, made a stop token with min_tokens=3, must not appear in the first 3
     tokens; the first token is then the model's second choice (transformers, float32)."""
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
 
     p = _prompts([20], 2)[0]
     with torch.inference_mode():

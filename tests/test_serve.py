@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from cleanvllm.engine import LLM  # noqa: E402
+from cleanvllm.llm import LLM  # noqa: E402
 from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
 from cleanvllm.serve import AsyncEngine, ServerState, launch, wait_ready  # noqa: E402

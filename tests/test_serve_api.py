@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from transformers import AutoTokenizer  # noqa: E402
 
 import cleanvllm  # noqa: E402
-from cleanvllm.engine import LLM  # noqa: E402
+from cleanvllm.llm import LLM  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
 from cleanvllm.serve import AsyncEngine, Metrics, ServerState  # noqa: E402
 from conftest import server_in_thread  # noqa: E402

@@ -8,7 +8,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 from transformers import AutoTokenizer  # noqa: E402
 
-from cleanvllm.engine import LLM  # noqa: E402
+from cleanvllm.llm import LLM  # noqa: E402
 from cleanvllm.serve import AsyncEngine, ServerState  # noqa: E402
 from conftest import server_in_thread  # noqa: E402
 

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 
 CHAPTERS = ("10",)  # `make check CH=10` runs this file (tools/check.py)

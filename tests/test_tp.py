@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cleanvllm.engine import LLM
+from cleanvllm.llm import LLM
 from cleanvllm.sampling_params import SamplingParams
 from conftest import hf_greedy, prompts
 
@@ -103,7 +103,7 @@ def test_a_worker_that_dies_at_start_up_fails_fast_naming_the_cause(tmp_path, ti
     """Item 10: a script without a __main__ guard; its worker dies importing it again."""
     script = tmp_path / "no_guard.py"
     script.write_text(
-        "from cleanvllm.engine import LLM\n"
+        "from cleanvllm.llm import LLM\n"
         f"llm = LLM({tiny_model!r}, device='cpu', tensor_parallel_size=2, max_model_len=128)\n"
         "print('started')\n"
     )

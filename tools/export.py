@@ -9,6 +9,10 @@ The code is copied verbatim (format the notebooks with `ruff format`), with two 
 module read as ordinary Python: every top-level import goes to the top of the module (sorted by
 ruff), and a function decorated `@add_to(Cls)` becomes a method in the body of class Cls. The first
 export cell of a module starts with its docstring. Every module comes from exactly one notebook.
+A notebook is one namespace, its modules are several: a name that a module uses and another module
+of the same notebook defines is imported from it (`from cleanvllm.<that module> import name`),
+written by the exporter, never in the notebook, where such an import would replace the learner's
+definition with the package's.
 Usage:
   python tools/export.py [NOTEBOOK ...]          write the modules (of these notebooks, or all)
   python tools/export.py --check [NOTEBOOK ...]  exit 1 if the package differs from a fresh export
@@ -50,7 +54,11 @@ def parse_notebook(path: Path) -> dict[str, list[tuple[int, str]]]:
             else:
                 body.append(line)
         if target is not None:
-            cells.append((i, target, "\n".join(body).strip("\n")))
+            cells.append((i, target, code := "\n".join(body).strip("\n")))
+            try:
+                ast.parse(code)
+            except SyntaxError as e:
+                raise SystemExit(f"{path.parent.name}/{path.name} cell {i}: {e}") from None
     modules: dict[str, list[tuple[int, str]]] = {}
     for i, target, code in cells:
         if not (target or default):
@@ -67,18 +75,37 @@ def _add_to_target(node: ast.stmt) -> tuple[str, int] | None:
     return None
 
 
-def render(nb_rel: str, name: str, cells: list[tuple[int, str]]) -> str:
-    imports: list[str] = []
+def _names(trees: list[ast.Module]) -> tuple[set[str], set[str]]:
+    """(top-level names the code defines, @add_to methods aside; names it uses and never binds)."""
+    nodes = [n for t in trees for n in ast.walk(t)]
+    defined = {n.name for t in trees for n in t.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+               and not _add_to_target(n)}
+    defined |= {x.id for t in trees for n in t.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for x in ast.walk(n) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Store)}
+    bound = {(a.asname or a.name).split(".")[0] for n in nodes
+             if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}  # imported anywhere,
+    bound |= {n.id for n in nodes if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    bound |= {n.arg for n in nodes if isinstance(n, ast.arg)}  # assigned, or an argument
+    used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return defined, used - bound - defined
+
+
+def sibling_imports(name: str, modules: dict[str, list[tuple[int, str]]]) -> list[str]:
+    """`from cleanvllm.<m> import ...` for the names module `name` uses that a sibling m defines."""
+    names = {m: _names([ast.parse(code) for _, code in cells]) for m, cells in modules.items()}
+    return [f"from cleanvllm.{m} import {', '.join(sorted(got))}" for m, (defined, _) in sorted(names.items())
+            if m != name and (got := names[name][1] & defined)]
+
+
+def render(nb_rel: str, name: str, cells: list[tuple[int, str]], siblings: list[str] = ()) -> str:
+    imports: list[str] = list(siblings)
     chunks: list[list[str]] = []  # top-level code, one list of lines per cell
     classes: dict[str, tuple[int, int]] = {}  # class name -> (chunk, line after its last line)
     methods: dict[str, list[str]] = {}
     docstring = None
     for k, (i, code) in enumerate(cells):
         lines = code.splitlines()
-        try:
-            tree = ast.parse(code)
-        except SyntaxError as e:
-            raise SystemExit(f"{nb_rel} cell {i}: {e}") from None
+        tree = ast.parse(code)  # parse_notebook has checked it
         if k == 0:
             first = tree.body[0] if tree.body else None
             if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
@@ -138,12 +165,13 @@ def export(root: Path = ROOT, only: list[Path] | None = None) -> dict[Path, str]
     for ref in sorted((root / "notebooks").glob("*.ipynb")):
         nb = stand_ins.get(ref.name, ref)
         nb_rel = _rel(nb, root)
-        for name, cells in parse_notebook(nb).items():
+        modules = parse_notebook(nb)
+        for name, cells in modules.items():
             if name in owners:
                 raise SystemExit(f"module {name} is exported by both {owners[name]} and {nb_rel}")
             owners[name] = nb_rel
             if only is None or nb.resolve() in only:
-                files[module_path(name, pkg)] = render(nb_rel, name, cells)
+                files[module_path(name, pkg)] = render(nb_rel, name, cells, sibling_imports(name, modules))
     return files
 
 
@@ -173,6 +201,8 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     ap.add_argument("--check", action="store_true", help="report drift instead of writing")
     ap.add_argument("notebooks", nargs="*", type=Path, help="only these notebooks")
     args = ap.parse_args(argv)
+    if missing := [str(p) for p in args.notebooks if not p.is_file()]:
+        raise SystemExit(f"no such notebook: {', '.join(missing)} (make reset CH=NN names one chapter)")
     only = [p.resolve() for p in args.notebooks] or None
     files = export(root, only)
     stale = generated(root / "cleanvllm", only, root) - set(files)

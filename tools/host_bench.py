@@ -30,7 +30,7 @@ def host_us_per_step(
     batch: int, tokens: int, profile: bool = False, stream: bool = False, logprobs: int | None = None
 ) -> dict:
     """Microseconds of the engine's Python per decode step of `batch` sequences (model stubbed)."""
-    from cleanvllm.engine import LLM
+    from cleanvllm.llm import LLM
     from cleanvllm.model_runner import Launched
     from cleanvllm.sampling_params import SamplingParams
     from cleanvllm.tiny import tiny_model_dir
