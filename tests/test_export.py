@@ -153,27 +153,43 @@ def test_committed_package_matches_the_notebooks():
 
 
 def test_exporter_stays_small():
-    assert len((ROOT / "tools" / "export.py").read_text().splitlines()) < 230  # 200 until it wrote imports between modules
+    assert len((ROOT / "tools" / "export.py").read_text().splitlines()) < 260  # 200 until it wrote the imports between a notebook's modules
 
 
 def test_a_name_from_another_module_of_the_notebook_is_imported_from_it(tmp_path):
     """One notebook is one namespace; its modules get the imports between them written for them,
-    and only for the names they use that they do not bind themselves."""
+    and only for the names they read from their globals without binding them."""
     make_nb(tmp_path / "notebooks" / "01_a.ipynb", [
         ("code", "#| default_exp alpha"),
-        ("code", '#| export beta\n"""Beta."""\n\n\ndef helper():\n    return 1\n\n\nLIMIT = 3\nSHADOW = 4'),
+        ("code", '#| export beta\n"""Beta."""\n\n\ndef helper():\n    return 1\n\n\nLIMIT = 3\nSHADOW = 4\nLATE = 5'),
         ("code", '#| export\n"""Alpha."""\n\nfrom os import sep as LIMIT\n\n\n'
-                 'def use(SHADOW):\n    return helper() + SHADOW, LIMIT'),
+                 'def use(SHADOW):\n    return helper() + SHADOW, LIMIT\n\n\n'
+                 'def local():\n    LATE = 1\n    return LATE\n\n\n'
+                 'def other():\n    return LATE'),
         ("code", '#| export gamma\n"""Gamma."""\n\nZ = 1')])
     (tmp_path / "cleanvllm").mkdir()
     assert export.main([], root=tmp_path) == 0
     alpha = (tmp_path / "cleanvllm" / "alpha.py").read_text()
-    imports = [line for line in alpha.splitlines() if "import" in line]
-    # helper is beta's; LIMIT is alpha's own import and SHADOW its argument: neither comes from beta
-    assert imports == ["from os import sep as LIMIT", "", "from cleanvllm.beta import helper"] or \
-        imports == ["from os import sep as LIMIT", "from cleanvllm.beta import helper"], imports
+    imports = [line for line in alpha.splitlines() if " import " in line]
+    # helper and LATE (read by other(), though local() has a LATE of its own) are beta's; LIMIT is
+    # alpha's own import and SHADOW use()'s argument: neither comes from beta
+    assert imports == ["from os import sep as LIMIT", "from cleanvllm.beta import LATE, helper"], imports
     for other in ("beta", "gamma"):  # they use nothing of the others
         assert "from cleanvllm" not in (tmp_path / "cleanvllm" / f"{other}.py").read_text()
+
+
+@pytest.mark.parametrize("beta, alpha, message", [
+    ("X = 1", "X = 2", "X is defined in both modules"),  # the notebook keeps the later cell's X
+    ("import json", "def f():\n    return json.dumps(1)", "module alpha uses json, which only module beta imports"),
+    ("def g():\n    return f()", "def f():\n    return g()", "would import each other: (alpha -> beta -> alpha|beta -> alpha -> beta)"),
+])
+def test_what_cannot_be_imported_between_modules_is_refused(tmp_path, beta, alpha, message):
+    make_nb(tmp_path / "notebooks" / "01_a.ipynb", [
+        ("code", "#| default_exp alpha"), ("code", f'#| export beta\n"""Beta."""\n\n{beta}'),
+        ("code", f'#| export\n"""Alpha."""\n\n{alpha}')])
+    (tmp_path / "cleanvllm").mkdir()
+    with pytest.raises(SystemExit, match=message):
+        export.main([], root=tmp_path)
 
 
 def test_a_notebook_that_is_not_there_is_refused(project):

@@ -24,6 +24,7 @@ import ast
 import os
 import re
 import subprocess
+import symtable
 import sys
 from pathlib import Path
 
@@ -75,26 +76,50 @@ def _add_to_target(node: ast.stmt) -> tuple[str, int] | None:
     return None
 
 
-def _names(trees: list[ast.Module]) -> tuple[set[str], set[str]]:
-    """(top-level names the code defines, @add_to methods aside; names it uses and never binds)."""
-    nodes = [n for t in trees for n in ast.walk(t)]
-    defined = {n.name for t in trees for n in t.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
-               and not _add_to_target(n)}
-    defined |= {x.id for t in trees for n in t.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-                for x in ast.walk(n) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Store)}
-    bound = {(a.asname or a.name).split(".")[0] for n in nodes
-             if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}  # imported anywhere,
-    bound |= {n.id for n in nodes if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    bound |= {n.arg for n in nodes if isinstance(n, ast.arg)}  # assigned, or an argument
-    used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return defined, used - bound - defined
+def _scope(cells: list[tuple[int, str]]) -> tuple[set[str], set[str], set[str]]:
+    """A module's (names it defines at its top level, @add_to methods aside; names it imports there;
+    names its code reads from the module's globals without binding them), scope by scope."""
+    top = symtable.symtable("\n\n".join(code for _, code in cells), "module", "exec")
+    methods = {n.name for _, code in cells for n in ast.parse(code).body if _add_to_target(n)}
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned()} - methods
+    imported = {s.get_name() for s in top.get_symbols() if s.is_imported()}
+    reads = {s.get_name() for s in top.get_symbols() if s.is_referenced()}
+    tables = top.get_children()
+    while tables:  # functions, classes, comprehensions: their free names are the module's globals
+        t = tables.pop()
+        tables += t.get_children()
+        defined |= {s.get_name() for s in t.get_symbols() if s.is_declared_global() and s.is_assigned()}
+        reads |= {s.get_name() for s in t.get_symbols() if s.is_global() and s.is_referenced()}
+    return defined, imported, reads - defined - imported - methods
 
 
-def sibling_imports(name: str, modules: dict[str, list[tuple[int, str]]]) -> list[str]:
-    """`from cleanvllm.<m> import ...` for the names module `name` uses that a sibling m defines."""
-    names = {m: _names([ast.parse(code) for _, code in cells]) for m, cells in modules.items()}
-    return [f"from cleanvllm.{m} import {', '.join(sorted(got))}" for m, (defined, _) in sorted(names.items())
-            if m != name and (got := names[name][1] & defined)]
+def sibling_imports(modules: dict[str, list[tuple[int, str]]]) -> dict[str, list[str]]:
+    """Per module of one notebook, `from cleanvllm.<m> import ...` for what it reads that sibling m
+    defines. Refused: a name two of them define (the notebook keeps whichever cell ran last), a name
+    one uses that only another imports, and modules that would import each other."""
+    scopes, owner = {m: _scope(cells) for m, cells in modules.items()}, {}
+    for m, (defined, _, _) in scopes.items():
+        for name in sorted(defined):
+            if owner.setdefault(name, m) != m:
+                raise SystemExit(f"{name} is defined in both modules {owner[name]} and {m} of one notebook")
+    uses: dict[str, dict[str, list[str]]] = {m: {} for m in modules}
+    for m, (_, _, reads) in scopes.items():
+        for name in sorted(reads):
+            if name in owner:
+                uses[m].setdefault(owner[name], []).append(name)
+            elif by := sorted(o for o, (_, imported, _) in scopes.items() if name in imported):
+                raise SystemExit(f"module {m} uses {name}, which only module {by[0]} imports: "
+                                 f"import it in a cell of {m} too")
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            raise SystemExit("modules of one notebook would import each other: "
+                             + " -> ".join(path[path.index(m):] + [m]))
+        for other in uses[m]:
+            visit(other, path + [m])
+    for m in uses:
+        visit(m, [])
+    return {m: [f"from cleanvllm.{o} import {', '.join(n)}" for o, n in sorted(u.items())]
+            for m, u in uses.items()}
 
 
 def render(nb_rel: str, name: str, cells: list[tuple[int, str]], siblings: list[str] = ()) -> str:
@@ -166,12 +191,13 @@ def export(root: Path = ROOT, only: list[Path] | None = None) -> dict[Path, str]
         nb = stand_ins.get(ref.name, ref)
         nb_rel = _rel(nb, root)
         modules = parse_notebook(nb)
+        siblings = sibling_imports(modules)
         for name, cells in modules.items():
             if name in owners:
                 raise SystemExit(f"module {name} is exported by both {owners[name]} and {nb_rel}")
             owners[name] = nb_rel
             if only is None or nb.resolve() in only:
-                files[module_path(name, pkg)] = render(nb_rel, name, cells, sibling_imports(name, modules))
+                files[module_path(name, pkg)] = render(nb_rel, name, cells, siblings[name])
     return files
 
 
