@@ -22,8 +22,9 @@ from transformers import AutoTokenizer
 
 from cleanvllm.block_manager import BlockManager
 from cleanvllm.config import Config
+from cleanvllm.input_batch import prepare_batch
 from cleanvllm.input_processor import InputProcessor, Request
-from cleanvllm.model_runner import PENDING, Launched, ModelRunner, prepare_batch
+from cleanvllm.model_runner import PENDING, Launched, ModelRunner
 from cleanvllm.output_processor import OutputProcessor
 from cleanvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from cleanvllm.sampling_params import SEED_LIMIT, SamplingParams

@@ -187,7 +187,7 @@ def test_decode_slots_kernel_writes_each_rows_slot_and_context(device, rows, rea
     Python: real rows write block_tables[i, p // bs] * bs + p % bs and attend to p + 1 keys, padding
     rows write -1 and attend to one key; every element of both outputs is written (poisoned first).
     The tables are a view of a wider buffer, as the runner's are."""
-    from cleanvllm.model_runner import decode_slots_triton
+    from cleanvllm.input_batch import decode_slots_triton
 
     if not triton_ok(device):
         pytest.skip("Triton needs CUDA or the interpreter")

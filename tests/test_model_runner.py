@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from cleanvllm.config import Config
 from cleanvllm.context import get_context
-from cleanvllm.model_runner import ModelRunner, StepBatch, free_port, prepare_batch, run_worker
+from cleanvllm.input_batch import StepBatch, prepare_batch
+from cleanvllm.model_runner import ModelRunner, free_port, run_worker
 from cleanvllm.sampling_params import SamplingParams
 from cleanvllm.sequence import Sequence
 from conftest import hf_greedy
@@ -253,7 +254,7 @@ def test_a_decode_batch_is_each_sequences_newest_token_at_its_slot():
     of block boundaries and scattered block tables."""
     import random
 
-    from cleanvllm.model_runner import decode_slots
+    from cleanvllm.input_batch import decode_slots
 
     rng, seqs = random.Random(3), []
     for n in [1, 2, BS - 1, BS, BS + 1, 2 * BS, 2 * BS + 1, 37, 100]:
@@ -288,7 +289,7 @@ def test_the_persistent_batch_gives_every_sequence_its_whole_table():
     import random
     from types import SimpleNamespace
 
-    from cleanvllm.model_runner import InputBatch
+    from cleanvllm.input_batch import InputBatch
 
     rng, pb, tables = random.Random(0), InputBatch(rows=4, width=8), {}
     for _ in range(400):
