@@ -203,3 +203,16 @@ def test_a_notebook_that_is_not_there_is_refused(project):
 def test_make_reset_names_the_chapter(ch):
     out = subprocess.run(["make", "-n", "reset", f"CH={ch}"], capture_output=True, text=True, cwd=ROOT)
     assert f"tools/export.py notebooks/{int(ch):02d}_*.ipynb" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_method_may_share_its_name_with_a_siblings_function(tmp_path):
+    """`@add_to(R) def helper(self)` becomes R.helper; the helper() it calls is still beta's."""
+    make_nb(tmp_path / "notebooks" / "01_a.ipynb", [
+        ("code", "#| default_exp alpha"),
+        ("code", '#| export beta\n"""Beta."""\n\n\ndef helper():\n    return 1'),
+        ("code", '#| export\n"""Alpha."""\n\n\nclass R:\n    pass\n\n\n'
+                 '@add_to(R)\ndef helper(self):\n    return helper() + 1')])
+    (tmp_path / "cleanvllm").mkdir()
+    assert export.main([], root=tmp_path) == 0
+    alpha = (tmp_path / "cleanvllm" / "alpha.py").read_text()
+    assert "from cleanvllm.beta import helper" in alpha and "    def helper(self):" in alpha, alpha
