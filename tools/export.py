@@ -11,8 +11,9 @@ ruff), and a function decorated `@add_to(Cls)` becomes a method in the body of c
 export cell of a module starts with its docstring. Every module comes from exactly one notebook.
 A notebook is one namespace, its modules are several: a name that a module uses and another module
 of the same notebook defines is imported from it (`from cleanvllm.<that module> import name`),
-written by the exporter, never in the notebook, where such an import would replace the learner's
-definition with the package's.
+written by the exporter. The notebook needs no such import: one placed after the definition would
+replace the learner's code with the package's (one placed before it, for a cell that runs before
+the definition, is the only kind that belongs there; see sibling_imports for what is refused).
 Usage:
   python tools/export.py [NOTEBOOK ...]          write the modules (of these notebooks, or all)
   python tools/export.py --check [NOTEBOOK ...]  exit 1 if the package differs from a fresh export
