@@ -94,8 +94,8 @@ class LLMEngine:
         limits = config.max_num_seqs, config.max_num_batched_tokens
         self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
         self.inputs = InputProcessor(config, self.tokenizer)
-        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         self.requests: dict[str, Request] = {}  # running, or finished but not yet reported
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.requests)
         self.unreported: dict[str, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None
         self._generating, self._extras = set(), {}  # generate()'s ids; see _needs_tokens
@@ -284,71 +284,8 @@ class LLMEngine:
         ks = [sp.logprobs for sp in self._extras.values() if sp.logprobs is not None]
         batch.num_logprobs = max(ks) if ks else None
         if is_prefill and any(sp.prompt_logprobs is not None for sp in self._extras.values()):
-            self._ask_prompt_logprobs(batch, seqs)
+            self.outputs.ask_prompt_logprobs(batch, seqs)
         return batch
-
-    def _take_logprobs(self, seqs: list[Sequence], got: list[Sequence], token_ids, logprobs) -> None:
-        """Record the logprobs of the new tokens of the requests that asked (rows as in seqs)."""
-        if logprobs is None:
-            return
-        top_ids, top, own, rank = (t.tolist() for t in logprobs)
-        got = {id(s) for s in got}
-        for i, seq in enumerate(seqs):
-            req, k = self.requests.get(seq.request_id), seq.sampling_params.logprobs
-            if req is None or k is None or id(seq) not in got:
-                continue
-            ids = [token_ids[i], *top_ids[i][:k]]
-            req.logprobs.append(
-                logprob_entry(ids, self.outputs.token_texts(ids), own[i], rank[i], top[i][:k])
-            )
-            req.cumulative_logprob += own[i]
-
-    def _ask_prompt_logprobs(self, batch, seqs: list[Sequence]) -> None:
-        """Name in a prefill's batch the positions whose prompt logprobs a request still lacks:
-        position p predicts prompt token p + 1 (spans, targets and the largest k asked)."""
-        spans, targets, ks = [], [], []
-        for i, seq in enumerate(seqs):
-            req, k = self.requests.get(seq.request_id), seq.sampling_params.prompt_logprobs
-            if req is None or k is None:
-                continue
-            start = seq.num_cached_tokens
-            first = max(start, len(req.prompt_logprobs) - 1)
-            end = min(start + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)
-            if first < end:
-                spans.append((i, first, end - first))
-                targets.extend(seq.token_ids[first + 1 : end + 1])
-                ks.append(k)
-        if spans:
-            batch.prompt_spans, batch.prompt_targets, batch.num_prompt_logprobs = (
-                spans,
-                targets,
-                max(ks),
-            )
-
-    def _take_prompt_logprobs(self, seqs: list[Sequence], launched: Launched) -> None:
-        """Record the prompt logprobs a step computed: span (row, first, count) gives the entries of
-        prompt tokens first + 1 .. first + count, each recorded once and in order."""
-        if launched.prompt_logprobs is None:
-            return
-        top_ids, top, own, rank = (t.tolist() for t in launched.prompt_logprobs)
-        at = 0  # the span's first row in the tensors
-        for i, first, count in launched.prompt_spans:
-            seq, rows, at = seqs[i], range(at, at + count), at + count
-            req, k = self.requests.get(seq.request_id), seq.sampling_params.prompt_logprobs
-            if req is None:  # aborted while its step ran
-                continue
-            if first + 1 > len(req.prompt_logprobs):  # never computed: say so, drop nothing silently
-                have = len(req.prompt_logprobs)
-                raise RuntimeError(
-                    f"request {seq.request_id}: no prompt logprobs for tokens {have}-{first}"
-                )
-            ids = [[seq.token_ids[first + 1 + j - rows[0]], *top_ids[j][:k]] for j in rows]
-            texts = self.outputs.token_texts([t for row in ids for t in row])
-            for n, j in enumerate(rows):
-                if first + 1 + n < len(req.prompt_logprobs):
-                    continue  # recorded before a preemption and this recompute
-                text = texts[n * (k + 1) : (n + 1) * (k + 1)]
-                req.prompt_logprobs.append(logprob_entry(ids[n], text, own[j], rank[j], top[j][:k]))
 
     def _step_sync(self, outputs: dict, quiet) -> StepStats:
         """The article's loop: schedule, run the model (on every rank), record the tokens."""
@@ -360,8 +297,8 @@ class LLMEngine:
         lengths = [len(seq.token_ids) for seq in seqs]
         self.scheduler.postprocess(seqs, token_ids)
         got = [s for s, n in zip(seqs, lengths) if len(s.token_ids) > n]
-        self._take_logprobs(seqs, got, token_ids, launched.logprobs)
-        self._take_prompt_logprobs(seqs, launched)  # every prefill row, with or without a token
+        self.outputs.take_logprobs(seqs, got, token_ids, launched.logprobs)
+        self.outputs.take_prompt_logprobs(seqs, launched)  # every prefill row, with or without a token
         self._report(got, outputs, quiet)
         return StepStats(is_prefill, len(batch.input_ids), len(seqs))
 
@@ -384,8 +321,8 @@ class LLMEngine:
         step = self.in_flight[0]
         token_ids = self.runner.collect(step.launched)
         filled = fill(self.scheduler, step.seqs, token_ids)
-        self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
-        self._take_prompt_logprobs(step.seqs, step.launched)
+        self.outputs.take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
+        self.outputs.take_prompt_logprobs(step.seqs, step.launched)
         self._report(filled, outputs, quiet)
         self.in_flight.pop(0)
         return step.stats
@@ -414,8 +351,8 @@ class LLMEngine:
             for step in self.in_flight:  # a launched step's tokens are right: keep them
                 token_ids = self.runner.collect(step.launched)
                 filled = fill(self.scheduler, step.seqs, token_ids)
-                self._take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
-                self._take_prompt_logprobs(step.seqs, step.launched)
+                self.outputs.take_logprobs(step.seqs, filled, token_ids, step.launched.logprobs)
+                self.outputs.take_prompt_logprobs(step.seqs, step.launched)
             if self.config.device == "cuda":
                 torch.cuda.synchronize()  # a launch cut short may still copy from buffers we reuse
         except BaseException:  # the device failed (or a second Ctrl-C came): trust nothing
@@ -541,17 +478,6 @@ class LLMEngine:
             outputs[rid] = replace(group.head, outputs=parts, finished=done)
             if done:
                 del self.samples[rid]
-
-
-def logprob_entry(
-    ids: list[int], texts: list[str], own: float, rank: int, top: list[float]
-) -> dict:
-    """vLLM's {token id: Logprob} at one position: ids[0] (the token sampled, or the prompt's) with
-    its own logprob and rank, then the k most likely ids[1:] (ranks 1..k); texts: each id's text."""
-    entry = {ids[0]: Logprob(own, rank, texts[0])}
-    for r, (t, lp) in enumerate(zip(ids[1:], top)):  # ids[0] keeps its entry if among the top k
-        entry.setdefault(t, Logprob(lp, r + 1, texts[r + 1]))
-    return entry
 
 
 def fill(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:

@@ -328,7 +328,7 @@ def test_token_texts_are_batch_decode_of_each_id_alone_and_remembered(tiny_model
     from cleanvllm.output_processor import OutputProcessor
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    out = OutputProcessor(tok, scheduler=None)
+    out = OutputProcessor(tok, scheduler=None, requests={})
     calls = []
     decode = out.decode
     out.decode = lambda ids, skip: calls.append(ids) or decode(ids, skip)
