@@ -3,7 +3,7 @@
 runner(s), outputs out, through vLLM's request API (add_request, step, abort_request) and generate().
 
 Its neighbours from the same chapter: input_processor (prompts in, checked requests out),
-output_processor (tokens in, text and RequestOutputs out), stop_strings, workers (tensor-parallel
+output_processor (tokens in, text, logprobs and RequestOutputs out), stop_strings, workers (tensor-parallel
 ranks 1..N-1 in worker processes) and llm (vLLM's front door, LLM, with chat()).
 """
 
@@ -26,7 +26,7 @@ from cleanvllm.input_batch import prepare_batch
 from cleanvllm.input_processor import InputProcessor, Request
 from cleanvllm.model_runner import PENDING, Launched, ModelRunner
 from cleanvllm.output_processor import OutputProcessor
-from cleanvllm.outputs import CompletionOutput, Logprob, RequestOutput
+from cleanvllm.outputs import CompletionOutput, RequestOutput
 from cleanvllm.sampling_params import SEED_LIMIT, SamplingParams
 from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence
@@ -94,7 +94,9 @@ class LLMEngine:
         limits = config.max_num_seqs, config.max_num_batched_tokens
         self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
         self.inputs = InputProcessor(config, self.tokenizer)
-        self.requests: dict[str, Request] = {}  # running, or finished but not yet reported
+        self.requests: dict[
+            str, Request
+        ] = {}  # live or unreported; shared with outputs: never rebind
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.requests)
         self.unreported: dict[str, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None

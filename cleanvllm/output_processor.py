@@ -5,6 +5,7 @@ strings found, logprobs recorded, RequestOutputs out."""
 import time
 from collections.abc import Callable
 
+from cleanvllm.input_batch import StepBatch
 from cleanvllm.input_processor import Request
 from cleanvllm.model_runner import PENDING, Launched
 from cleanvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -135,7 +136,7 @@ class OutputProcessor:
             req.logprobs.append(logprob_entry(ids, self.token_texts(ids), own[i], rank[i], top[i][:k]))
             req.cumulative_logprob += own[i]
 
-    def ask_prompt_logprobs(self, batch, seqs: list[Sequence]) -> None:
+    def ask_prompt_logprobs(self, batch: StepBatch, seqs: list[Sequence]) -> None:
         """Name in a prefill's batch the positions whose prompt logprobs a request still lacks:
         position p predicts prompt token p + 1 (spans, targets and the largest k asked)."""
         spans, targets, ks = [], [], []
