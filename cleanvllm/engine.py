@@ -228,6 +228,8 @@ class LLMEngine:
         self.unreported.pop(request_id, None)
         if req is not None and request_id in self._generating:  # a generate() call waits for it
             self.unreported[request_id] = self.outputs.output(req, req.text)
+        if (out := self.unreported.get(request_id)) and out.outputs[0].token_ids[-1:] == [PENDING]:
+            out.outputs[0].token_ids.pop()  # its newest token was still on the device (step 7b)
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step() (queued ones included)."""

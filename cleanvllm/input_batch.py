@@ -147,16 +147,20 @@ class HostTwin:
 
 
 class StepBuffers:
-    """A step's inputs, allocated once: device views by name, host twins to stage them in."""
+    """A step's inputs, allocated once: device views by name, and host twins to stage them in, used
+    in turn (`twins` of them on a GPU; on a CPU one, which is the device buffer itself)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, device: torch.device):
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], rows: int, device: torch.device, twins: int
+    ):
         on_gpu = device.type == "cuda"
-        self.twins = [HostTwin.allocate(shapes, rows, on_gpu) for _ in range(2 if on_gpu else 1)]
+        self.twins = [
+            HostTwin.allocate(shapes, rows, on_gpu) for _ in range(twins if on_gpu else 1)
+        ]
         self.turn = 0  # the twin of the step staged last
         first = self.twins[0]  # on a CPU the host twin *is* the device buffer
         self.flat = first.flat.to(device) if on_gpu else first.flat
         self.temps = first.temps.to(device) if on_gpu else first.temps
-        self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)  # per row
         self.dev = split(self.flat, shapes)
 
     def next_twin(self) -> HostTwin:

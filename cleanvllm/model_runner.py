@@ -90,7 +90,7 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
         self.graph_outputs: GraphOutputs | None = None
-        self.model = self.buffers = self.input_batch = self.kv_cache = None
+        self.model = self.buffers = self.input_batch = self.kv_cache = self.last_token = None
         self.owns_group = False
         self.tp = self._join_group(dist_port)
         try:
@@ -138,6 +138,7 @@ class ModelRunner:
         """Free the graphs, KV cache and weights now, and destroy the process group if it is ours."""
         self.graphs.clear()
         self.graph_outputs = self.buffers = self.input_batch = self.kv_cache = self.model = None
+        self.last_token = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
@@ -161,7 +162,8 @@ class ModelRunner:
         return model.eval()
 
     def _allocate_buffers(self) -> None:
-        """The step buffers (self.buffers), sized for the largest step, and the persistent batch."""
+        """The step buffers (self.buffers), sized for the largest step, the persistent batch, and each
+        row's newest token (self.last_token)."""
         c, w = self.config, self.max_blocks_per_seq
         n, s = max(c.max_num_batched_tokens, c.max_num_seqs), c.max_num_seqs
         shapes = dict(
@@ -175,7 +177,10 @@ class ModelRunner:
             rows=(s,),  # each sequence's row in the persistent batch
             num_seqs=(1,),  # the real rows of a decode step padded to a graph's rows
         )
-        self.buffers = StepBuffers(shapes, s, self.device)
+        # Two host twins: chapter 8's overlapped loop stages a step while the one before may still copy.
+        self.buffers = StepBuffers(shapes, s, self.device, twins=2)
+        # Each row's newest sampled token, on the device: where a PENDING input id is read (chapter 8).
+        self.last_token = torch.zeros(s, dtype=torch.int64, device=self.device)
         self.input_batch = InputBatch(s, w)
 
     def block_bytes(self) -> int:
@@ -235,7 +240,7 @@ class ModelRunner:
         self.buffers.upload()
         if PENDING in batch.input_ids:  # in stream order: after the step that sampled them
             ids, row = self.buffers.dev["input_ids"][:n], self.buffers.dev["rows"][:n]
-            ids.copy_(torch.where(ids == PENDING, self.buffers.last_token[row], ids))
+            ids.copy_(torch.where(ids == PENDING, self.last_token[row], ids))
 
     def _decode_slots(self, rows: int) -> None:
         """A staged decode step's slots and context lengths, computed on the device from its positions
@@ -374,7 +379,7 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: StepBatch) -> "Launched":
         """Start one step and return without waiting for the GPU; each sequence's token also stays on
-        the device, in its row of buffers.last_token, where a later step reads it as PENDING."""
+        the device, in its row of self.last_token, where a later step reads it as PENDING."""
         rows, tokens, logits = batch.num_seqs, None, None
         graph_rows = (
             None if batch.is_prefill else next((g for g in self.graph_sizes if g >= rows), None)
@@ -403,7 +408,7 @@ class ModelRunner:
         lp = None  # of the raw logits, however the tokens were sampled
         if batch.num_logprobs is not None and logits is not None:
             lp = compute_logprobs(logits, tokens, batch.num_logprobs)
-        self.buffers.last_token[self.buffers.dev["rows"][:rows]] = tokens
+        self.last_token[self.buffers.dev["rows"][:rows]] = tokens
         host, done = self.buffers.download(tokens), None
         if host is not tokens:  # a GPU (on a CPU the step has run): logprobs follow, then the event
             lp, plp, done = queue_to_host(lp), queue_to_host(plp), torch.cuda.Event()

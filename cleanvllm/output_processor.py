@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from cleanvllm.input_batch import StepBatch
 from cleanvllm.input_processor import Request
-from cleanvllm.model_runner import PENDING, Launched
+from cleanvllm.model_runner import Launched
 from cleanvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from cleanvllm.scheduler import Scheduler
 from cleanvllm.sequence import Sequence
@@ -58,8 +58,6 @@ class OutputProcessor:
         """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
         seq = req.seq
         token_ids = seq.completion_token_ids
-        if token_ids[-1:] == [PENDING]:  # aborted while its newest token was on the device
-            token_ids.pop()
         reason = seq.finish_reason if seq.is_finished else None
         logprobs = None if req.logprobs is None else req.logprobs[: len(token_ids)]
         done = CompletionOutput(0, text, token_ids, req.cumulative_logprob, logprobs, reason)

@@ -98,3 +98,33 @@ def test_each_call_returns_the_tokens_of_one_step(engines):
                 got.append((len(out.outputs[0].token_ids), out.finished))
             assert got == [(k, k == n) for k in range(1, n + 1)], (llm is on, got)
             assert not llm.in_flight
+
+
+@pytest.mark.tasks("8.5")
+def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engines):
+    """generate() waits for a request that is aborted while a step in flight holds its newest token
+    (PENDING): its output ends 'abort' with the tokens known so far, a prefix of the plain loop's
+    tokens, and never the placeholder."""
+    on, off = engines
+    (p,) = prompts([14], seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    (full,) = off.generate([p], sp, use_tqdm=False)
+    real_step, calls, held = on._step_overlapped, [], []
+
+    def step_then_abort(outputs, quiet):
+        calls.append(1)
+        if len(calls) == 4:
+            held.append([s.token_ids[-1] for step in on.in_flight for s in step.seqs])
+            on.abort_request(next(iter(on._generating)))
+        return real_step(outputs, quiet)
+
+    on._step_overlapped = step_then_abort
+    try:
+        (out,) = on.generate([p], sp, use_tqdm=False)
+    finally:
+        del on._step_overlapped
+    got = out.outputs[0].token_ids
+    assert held == [[-1]], held  # the abort came while the newest token was on the device
+    assert out.outputs[0].finish_reason == "abort" and 0 < len(got) < 30, (out.outputs[0].finish_reason, got)
+    assert got == full.outputs[0].token_ids[: len(got)]
+    assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
