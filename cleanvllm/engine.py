@@ -221,6 +221,8 @@ class LLMEngine:
         """End a request now and forget it; an unknown or finished id changes nothing."""
         if request_id in self.samples:  # n > 1: its other samples end with it
             self._abort_samples(request_id)
+        if (known := self.requests.get(request_id)) and known.seq.is_finished:
+            return  # finished as its last token was counted (step 7b): reported when the token comes
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again

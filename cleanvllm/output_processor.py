@@ -55,7 +55,7 @@ class OutputProcessor:
             req.prefix_offset, req.read_offset = req.read_offset, len(seq) - start
 
     def output(self, req: Request, text: str) -> RequestOutput:
-        """The RequestOutput of a request: its text so far (as shown), and its tokens known so far."""
+        """The RequestOutput of a request: its text so far (as shown), and its tokens so far."""
         seq = req.seq
         token_ids = seq.completion_token_ids
         reason = seq.finish_reason if seq.is_finished else None

@@ -128,3 +128,30 @@ def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engin
     assert out.outputs[0].finish_reason == "abort" and 0 < len(got) < 30, (out.outputs[0].finish_reason, got)
     assert got == full.outputs[0].token_ids[: len(got)]
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
+
+
+@pytest.mark.tasks("8.5")
+def test_an_abort_after_the_last_token_was_counted_is_a_no_op(engines):
+    """A request that reached max_tokens when its last token was counted (still on the device) is
+    finished: aborting it changes nothing, and generate() gets every token, as the plain loop's."""
+    on, off = engines
+    (p,) = prompts([14], seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    (full,) = off.generate([p], sp, use_tqdm=False)
+    real_step, calls, held = on._step_overlapped, [], []
+
+    def step_then_abort(outputs, quiet):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th token was counted at the end of the 3rd call
+            held.append([(s.token_ids[-1], s.finish_reason) for step in on.in_flight for s in step.seqs])
+            on.abort_request(next(iter(on._generating)))
+        return real_step(outputs, quiet)
+
+    on._step_overlapped = step_then_abort
+    try:
+        (out,) = on.generate([p], sp, use_tqdm=False)
+    finally:
+        del on._step_overlapped
+    assert held == [[(-1, "length")]], held
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == (full.outputs[0].token_ids, "length")
+    assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
