@@ -221,8 +221,6 @@ class LLMEngine:
         """End a request now and forget it; an unknown or finished id changes nothing."""
         if request_id in self.samples:  # n > 1: its other samples end with it
             self._abort_samples(request_id)
-        if (known := self.requests.get(request_id)) and known.seq.is_finished:
-            return  # finished as its last token was counted (step 7b): reported when the token comes
         req = self.requests.get(request_id)
         if req is not None and not req.seq.is_finished:
             self.scheduler.abort(req.seq)  # first: if interrupted, the id is still known, abort again
@@ -231,7 +229,8 @@ class LLMEngine:
         if req is not None and request_id in self._generating:  # a generate() call waits for it
             self.unreported[request_id] = self.outputs.output(req, req.text)
         if (out := self.unreported.get(request_id)) and out.outputs[0].token_ids[-1:] == [PENDING]:
-            out.outputs[0].token_ids.pop()  # its newest token was still on the device (step 7b)
+            out.outputs[0].token_ids.pop()  # its newest token was still on the device (step 7b): it
+            out.outputs[0].finish_reason = "abort"  # ends without it, even if it made max_tokens
 
     def has_unfinished_requests(self) -> bool:
         """True while some request has not been reported finished by step() (queued ones included)."""

@@ -131,9 +131,10 @@ def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engin
 
 
 @pytest.mark.tasks("8.5")
-def test_an_abort_after_the_last_token_was_counted_is_a_no_op(engines):
-    """A request that reached max_tokens when its last token was counted (still on the device) is
-    finished: aborting it changes nothing, and generate() gets every token, as the plain loop's."""
+def test_an_abort_after_the_last_token_was_counted_ends_abort_without_it(engines):
+    """A request that reached max_tokens when its last token was counted (still on the device) and
+    is then aborted: generate() gets the tokens known, a prefix of the plain loop's, ending 'abort'
+    (not 'length' with a token short), and the engine is idle at once."""
     on, off = engines
     (p,) = prompts([14], seed=9)
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -153,5 +154,6 @@ def test_an_abort_after_the_last_token_was_counted_is_a_no_op(engines):
     finally:
         del on._step_overlapped
     assert held == [[(-1, "length")]], held
-    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == (full.outputs[0].token_ids, "length")
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == (full.outputs[0].token_ids[:3], "abort")
+    assert not on.has_unfinished_requests() and on.step() == []
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
