@@ -100,21 +100,21 @@ def test_each_call_returns_the_tokens_of_one_step(engines):
             assert not llm.in_flight
 
 
-@pytest.mark.tasks("8.5")
-def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engines):
-    """generate() waits for a request that is aborted while a step in flight holds its newest token
-    (PENDING): its output ends 'abort' with the tokens known so far, a prefix of the plain loop's
-    tokens, and never the placeholder."""
+def generate_aborted_at_call(engines, max_tokens: int, call: int = 4):
+    """One greedy request through generate() on the overlapped engine, aborted at the start of the
+    call-th step (the 4th: the 4th token was counted at the end of the 3rd and is still on the
+    device). Returns (its output, (newest token, finish reason) of each sequence in flight at the
+    abort, the plain loop's output of the same request)."""
     on, off = engines
     (p,) = prompts([14], seed=9)
-    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     (full,) = off.generate([p], sp, use_tqdm=False)
     real_step, calls, held = on._step_overlapped, [], []
 
     def step_then_abort(outputs, quiet):
         calls.append(1)
-        if len(calls) == 4:
-            held.append([s.token_ids[-1] for step in on.in_flight for s in step.seqs])
+        if len(calls) == call:
+            held.extend((s.token_ids[-1], s.finish_reason) for step in on.in_flight for s in step.seqs)
             on.abort_request(next(iter(on._generating)))
         return real_step(outputs, quiet)
 
@@ -123,10 +123,20 @@ def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engin
         (out,) = on.generate([p], sp, use_tqdm=False)
     finally:
         del on._step_overlapped
-    got = out.outputs[0].token_ids
-    assert held == [[-1]], held  # the abort came while the newest token was on the device
-    assert out.outputs[0].finish_reason == "abort" and 0 < len(got) < 30, (out.outputs[0].finish_reason, got)
-    assert got == full.outputs[0].token_ids[: len(got)]
+    return out.outputs[0], held, full.outputs[0]
+
+
+@pytest.mark.tasks("8.5")
+def test_an_abort_while_a_token_is_in_flight_reports_only_the_tokens_known(engines):
+    """generate() waits for a request that is aborted while a step in flight holds its newest token
+    (PENDING): its output ends 'abort' with the tokens known so far, a prefix of the plain loop's
+    tokens, and never the placeholder."""
+    out, held, full = generate_aborted_at_call(engines, max_tokens=30)
+    assert held == [(-1, None)], held  # the abort came while the newest token was on the device
+    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 30, (out.finish_reason, out.token_ids)
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    on = engines[0]
+    assert not on.has_unfinished_requests() and on.step() == []
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
 
 
@@ -135,25 +145,9 @@ def test_an_abort_after_the_last_token_was_counted_ends_abort_without_it(engines
     """A request that reached max_tokens when its last token was counted (still on the device) and
     is then aborted: generate() gets the tokens known, a prefix of the plain loop's, ending 'abort'
     (not 'length' with a token short), and the engine is idle at once."""
-    on, off = engines
-    (p,) = prompts([14], seed=9)
-    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    (full,) = off.generate([p], sp, use_tqdm=False)
-    real_step, calls, held = on._step_overlapped, [], []
-
-    def step_then_abort(outputs, quiet):
-        calls.append(1)
-        if len(calls) == 4:  # the 4th token was counted at the end of the 3rd call
-            held.append([(s.token_ids[-1], s.finish_reason) for step in on.in_flight for s in step.seqs])
-            on.abort_request(next(iter(on._generating)))
-        return real_step(outputs, quiet)
-
-    on._step_overlapped = step_then_abort
-    try:
-        (out,) = on.generate([p], sp, use_tqdm=False)
-    finally:
-        del on._step_overlapped
-    assert held == [[(-1, "length")]], held
-    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason) == (full.outputs[0].token_ids[:3], "abort")
+    out, held, full = generate_aborted_at_call(engines, max_tokens=4)
+    assert held == [(-1, "length")], held
+    assert (out.token_ids, out.finish_reason) == (full.token_ids[:3], "abort")
+    on = engines[0]
     assert not on.has_unfinished_requests() and on.step() == []
     assert on.scheduler.block_manager.num_free_blocks == on.runner.num_kvcache_blocks
