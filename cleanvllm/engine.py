@@ -3,8 +3,8 @@
 runner(s), outputs out, through vLLM's request API (add_request, step, abort_request) and generate().
 
 Its neighbours from the same chapter: input_processor (prompts in, checked requests out),
-output_processor (tokens in, text, logprobs and RequestOutputs out), stop_strings, workers (tensor-parallel
-ranks 1..N-1 in worker processes) and llm (vLLM's front door, LLM, with chat()).
+output_processor (tokens in, text, logprobs and RequestOutputs out), stop_strings, workers
+(tensor-parallel ranks 1..N-1 in worker processes) and llm (vLLM's front door, LLM, with chat()).
 """
 
 import json
@@ -94,9 +94,7 @@ class LLMEngine:
         limits = config.max_num_seqs, config.max_num_batched_tokens
         self.scheduler = Scheduler(*limits, blocks, config.eos_token_ids)  # it owns the blocks
         self.inputs = InputProcessor(config, self.tokenizer)
-        self.requests: dict[
-            str, Request
-        ] = {}  # live or unreported; shared with outputs: never rebind
+        self.requests: dict[str, Request] = {}  # live or unreported; shared: never rebind
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.requests)
         self.unreported: dict[str, RequestOutput] = {}  # outputs a generate() call kept for step()
         self.last_step: StepStats | None = None
