@@ -1,6 +1,8 @@
 import contextlib
 import os
+import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,13 +101,16 @@ def server_in_thread(state):
     stops it and checks that the thread ended (the server tests share this)."""
     import uvicorn
 
-    from cleanvllm.model_runner import free_port
     from cleanvllm.serve import build_app, wait_ready
 
-    port = free_port()
-    config = uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
+    # The socket is bound here and handed to uvicorn: a port found free and bound later could be
+    # taken by another process in between (seen in CI with the subprocess servers).
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(build_app(state), log_level="warning")
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,4 +119,29 @@ def server_in_thread(state):
     finally:
         srv.should_exit = True
         thread.join(30)
+        sock.close()
     assert not thread.is_alive(), "the server thread did not stop"
+
+
+def launch_on_free_port(model: str, log_dir, *args: str, timeout: float = 120):
+    """`python -m cleanvllm.serve MODEL *args` in a subprocess on a free port, once it answers:
+    (process, url, log file). free_port() closes its socket before the server binds, so another
+    process may take the port meanwhile (seen in CI: uvicorn exits 3, "address already in use"):
+    then try another port; any other early exit fails at once."""
+    from cleanvllm.model_runner import free_port
+    from cleanvllm.serve import launch, wait_ready
+
+    for attempt in range(3):
+        port = free_port()
+        log = open(Path(log_dir) / f"server-{port}.log", "w+")
+        proc = launch(model, port, *args, log=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc, timeout=timeout)
+            return proc, url, log
+        except RuntimeError as e:
+            log.seek(0)
+            text = log.read()
+            log.close()
+            if attempt == 2 or "address already in use" not in text:
+                raise RuntimeError(f"{e}; its log ends:\n{text[-3000:]}") from e

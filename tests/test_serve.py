@@ -22,10 +22,9 @@ pytest.importorskip("uvicorn")
 from transformers import AutoTokenizer  # noqa: E402
 
 from cleanvllm.llm import LLM  # noqa: E402
-from cleanvllm.model_runner import free_port  # noqa: E402
 from cleanvllm.sampling_params import SamplingParams  # noqa: E402
-from cleanvllm.serve import AsyncEngine, ServerState, launch, wait_ready  # noqa: E402
-from conftest import server_in_thread  # noqa: E402
+from cleanvllm.serve import AsyncEngine, ServerState  # noqa: E402
+from conftest import launch_on_free_port, server_in_thread  # noqa: E402
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -238,12 +237,11 @@ def test_disconnect_aborts_and_frees_blocks(server, monkeypatch):
 
 @pytest.mark.tasks("11.4", "11.5")
 def test_sigterm_stops_the_server(tiny_model, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w+")
-    proc = launch(tiny_model, port, "--threads", "1", "--max-model-len", str(MAX_MODEL_LEN), log=log)
+    proc, url, log = launch_on_free_port(
+        tiny_model, tmp_path, "--threads", "1", "--max-model-len", str(MAX_MODEL_LEN), timeout=90
+    )
+    port = int(url.rsplit(":", 1)[1])
     try:
-        wait_ready(url, proc, timeout=90)
         c = client(url)
         (model,) = [m.id for m in c.models.list()]
         assert model == tiny_model  # the served name defaults to MODEL, as in vLLM

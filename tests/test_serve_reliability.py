@@ -13,8 +13,7 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from cleanvllm.model_runner import free_port  # noqa: E402
-from cleanvllm.serve import launch, wait_ready  # noqa: E402
+from conftest import launch_on_free_port  # noqa: E402
 
 CHAPTERS = ("11",)  # `make check CH=11` runs this file (tools/check.py)
 
@@ -24,21 +23,7 @@ ARGS = ("--served-model-name", "tiny", "--threads", "1", "--max-model-len", str(
 
 
 def start(tiny_model, tmp_path, *extra):
-    """The server on a free port. free_port() closes its socket before the server binds, so another
-    process may take the port meanwhile (seen once in CI: uvicorn exits 3, "address already in
-    use"): then try another port; any other early exit fails at once."""
-    for attempt in range(3):
-        port = free_port()
-        log = open(tmp_path / f"server-{port}.log", "w+")
-        proc = launch(tiny_model, port, *ARGS, *extra, log=log)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc, timeout=120)
-            return proc, url, log
-        except RuntimeError:
-            log.seek(0)
-            if attempt == 2 or "address already in use" not in log.read():
-                raise
+    return launch_on_free_port(tiny_model, tmp_path, *ARGS, *extra)
 
 
 def stop(proc, log):
