@@ -38,9 +38,10 @@ def runner(tiny_model):
 
 
 @pytest.fixture
-def external_group():
-    """A process group this test made (not a runner): world of one rank, gloo."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+def external_group(tmp_path):
+    """A process group this test made (not a runner): world of one rank, gloo, meeting in a file
+    (a free port could be taken by another process before the group binds it)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", world_size=1, rank=0)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
