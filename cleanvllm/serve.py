@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import multiprocessing
+import os
 import queue
 import random
 import subprocess
@@ -495,7 +496,12 @@ class ServerState:
     async def parse_off_loop(self, raw: bytes):
         """load_json(raw) in the parser process (spawned, not forked: this process has threads)."""
         if self.parser is None:
-            self.parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.parser = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=end_with_server,
+                initargs=(os.getpid(),),
+            )
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self.parser, load_json, raw, MAX_JSON_VALUES
@@ -575,6 +581,19 @@ def load_json(raw: bytes, max_values: int):
             return f"the body has more than {max_values} JSON values"
         todo.extend(x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
     return data
+
+
+def end_with_server(server: int) -> None:
+    """The parser process's initializer: a thread that ends the process once its server (pid
+    `server`) is gone. A server killed outright (SIGKILL, the OOM killer) cannot shut its pool down,
+    and the parser, which holds both ends of its own task queue, would wait for work forever."""
+
+    def watch() -> None:
+        while os.getppid() == server:  # an orphan is adopted by another process
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:

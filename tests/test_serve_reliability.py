@@ -3,8 +3,10 @@ bodies and prompts never stall other streams, bad values are 400s (never 500s or
 requests time out, the Host header is checked, and SIGTERM ends every client cleanly."""
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -312,3 +314,36 @@ def test_sigterm_drains_then_ends_every_client_with_503(tiny_model, tmp_path):
     assert answer.json()["error"]["type"] == "service_unavailable", answer.text
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
     assert took < 15, f"the server took {took:.1f} s to stop"
+
+
+def alive(pid: int) -> bool:
+    """pid runs (a zombie, exited but not yet reaped by whoever adopted it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")
+def test_a_killed_server_leaves_no_parser_process_behind(tiny_model, tmp_path):
+    """A server killed outright (SIGKILL, the OOM killer) cannot shut down its JSON parser process;
+    that process held both ends of its own task queue and waited for work forever (seen: a parser
+    of a killed test server still running 24 minutes later, 350 MB). It must end by itself."""
+    proc, url, log = start(tiny_model, tmp_path)
+    try:
+        post(url, "/v1/completions", {"model": "tiny", "prompt": ["a"] * 200_000})  # starts it
+        kids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]  # fmt: skip
+        assert kids, "no parser process was started"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(alive, kids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in kids if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes of the killed server still run after 10 s: {left}"
+    finally:
+        stop(proc, log)
