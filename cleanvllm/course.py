@@ -254,6 +254,10 @@ def check_chapter(chapter: str | None = None, notebook: str | None = None) -> No
     path = _notebook_path(notebook) if notebook else _notebook_of(chapter)
     if path is not None:
         cmd += ["--notebook", str(path)]
+        print(f"chapter {chapter}'s tests against the code in {_shown(path)}")
+    else:
+        here = Path.cwd()
+        print(f"chapter {chapter}'s tests against the package (no {chapter}_*.ipynb in {here})")
     seen = _fingerprint(path)
     if _checked.get(chapter) == seen:  # a re-run with nothing saved since: the same answer, at once
         print(f"chapter {chapter}: passed already for this very code (nothing saved or exported since)")
@@ -275,9 +279,38 @@ def _fingerprint(notebook: Path | None) -> str:
     return h.hexdigest()
 
 
+def _shown(path: Path) -> str:
+    """A path as a learner reads it: from the repository's root when it is inside it."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _own_notebook() -> Path | None:
+    """The notebook this kernel runs, when Jupyter says: JupyterLab and Notebook set JPY_SESSION_NAME
+    to its path when they start the kernel (a rename after that is not seen)."""
+    name = os.environ.get("JPY_SESSION_NAME", "")
+    if not name.endswith(".ipynb"):
+        return None
+    for p in (Path(name), Path.cwd() / Path(name).name):
+        if p.is_file():
+            return p.resolve()
+    return None
+
+
 def _notebook_of(chapter: str) -> Path | None:
-    """The chapter's notebook in the kernel's folder (notebooks/ or workbook/), if there is one."""
+    """The chapter's notebook: this kernel's own, else the only NN_*.ipynb in the kernel's folder
+    (notebooks/ or workbook/); None if there is none. Several (a copy beside the chapter) and no
+    way to tell which one runs here: an error that names them."""
+    own = _own_notebook()
+    if own is not None and own.name.startswith(f"{chapter}_"):
+        return own
     found = sorted(Path.cwd().glob(f"{chapter}_*.ipynb"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ValueError(f"chapter {chapter} has several notebooks in {Path.cwd()} ({names}); "
+                         f"say which to check: check_chapter({chapter!r}, {found[-1].name!r})")
     return found[0] if found else None
 
 
@@ -305,8 +338,12 @@ def exercise(name: str) -> Callable:
 
 
 def _notebook_path(notebook: str) -> Path:
-    """A chapter file: as given, else in the kernel's folder, else the reference in notebooks/."""
-    p = Path(notebook)
+    """A chapter file: this kernel's own notebook when it is of the same chapter (a copy of the
+    chapter, renamed, exports itself), else as given, else in the kernel's folder, else the
+    reference in notebooks/."""
+    p, own = Path(notebook), _own_notebook()
+    if own is not None and own.name[:3] == p.name[:3] and re.match(r"\d\d_", p.name):
+        return own
     for candidate in (p, Path.cwd() / p.name, ROOT / "notebooks" / p.name):
         if candidate.exists():
             return candidate.resolve()
@@ -371,6 +408,7 @@ def export(notebook: str | None = None, force: bool = False) -> None:
             raise RuntimeError(f"not exported ({path.name}):\n  - " + "\n  - ".join(problems)
                                + "\nexport(..., force=True) exports anyway.")
         cmd.append(str(path))
+        print(f"exporting {_shown(path)}")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"export failed:\n{out.stdout}{out.stderr}")

@@ -155,3 +155,30 @@ def test_check_rerun_with_nothing_saved_answers_at_once_and_reruns_after_a_save(
         with pytest.raises(CheckFailed):
             course.check_chapter("03", str(nb))
     assert len(runs) == 4, "a failing check is run again every time"
+
+
+def test_check_and_export_use_the_kernels_own_notebook_and_never_guess(tmp_path, monkeypatch):
+    """A copy of a chapter beside it (JupyterLab's Duplicate: 05_attention-Copy1.ipynb, which sorts
+    first) was checked in place of the notebook the learner ran. Now: the kernel's own notebook
+    (Jupyter's JPY_SESSION_NAME) when it is of that chapter; else the only NN_*.ipynb in the folder;
+    several and no way to tell, an error naming them; none, the package (and check says so)."""
+    import cleanvllm.course as course
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert course._notebook_of("05") is None
+    (tmp_path / "05_attention.ipynb").write_text("{}")
+    assert course._notebook_of("05") == tmp_path / "05_attention.ipynb"
+    (tmp_path / "05_attention-Copy1.ipynb").write_text("{}")
+    with pytest.raises(ValueError, match=r"05_attention-Copy1.ipynb, 05_attention.ipynb"):
+        course._notebook_of("05")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "05_attention.ipynb"))
+    assert course._notebook_of("05") == tmp_path / "05_attention.ipynb"
+    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "05_attention-Copy1.ipynb"))
+    assert course._notebook_of("05") == tmp_path / "05_attention-Copy1.ipynb"
+    # the chapter's last cell says export("05_attention.ipynb"): the copy exports itself
+    assert course._notebook_path("05_attention.ipynb") == tmp_path / "05_attention-Copy1.ipynb"
+    # another chapter's notebook is found as before, not replaced by this kernel's
+    (tmp_path / "06_qwen3.ipynb").write_text("{}")
+    assert course._notebook_of("06") == tmp_path / "06_qwen3.ipynb"
+    assert course._notebook_path("06_qwen3.ipynb") == tmp_path / "06_qwen3.ipynb"
