@@ -189,12 +189,18 @@ def expect(actual: object, expected: object, what: str, *, atol: float | None = 
         try:
             torch.testing.assert_close(actual.to(expected.device), expected, atol=atol, rtol=rtol,
                                        check_dtype=False)
-        except AssertionError:
-            diff = (actual.double().to(expected.device) - expected.double()).abs()
-            worst = int(diff.flatten().nan_to_num(float("inf")).argmax())
+        except AssertionError as e:
+            a, x = actual.double().to(expected.device), expected.double()
+            diff = (a - x).abs().nan_to_num(float("inf"))  # a NaN on one side is the worst
+            diff[a.isnan() & x.isnan()] = 0  # NaN where NaN is expected: equal
+            worst = torch.unravel_index(diff.flatten().argmax(), diff.shape)
+            at = tuple(int(i) for i in worst)
+            count = re.search(r"Mismatched elements: (\d+ / \d+)", str(e))
             raise AssertionError(
-                f"{what}: expected {_short(expected)}, got {_short(actual)}; largest difference "
-                f"{diff.flatten()[worst].item():.3g} at flat index {worst}"
+                f"{what}: expected {_short(expected)}, got {_short(actual)}; "
+                + (f"{count.group(1)} values differ; " if count else "")
+                + f"the largest difference at index {at}: expected {x[at].item():.6g}, "
+                f"got {a[at].item():.6g}"
             ) from None
         return
     if atol is not None or rtol is not None:

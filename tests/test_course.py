@@ -22,8 +22,17 @@ def test_expect_names_what_was_compared_and_both_values():
     with pytest.raises(AssertionError, match=r"block table of a 9-token prompt: expected \[0, 1, 2\], got \[0, 1\]"):
         expect([0, 1], [0, 1, 2], "block table of a 9-token prompt")
     expect(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-7]), "rmsnorm")
-    with pytest.raises(AssertionError, match=r"rmsnorm: expected .*largest difference 0\.5 at flat index 1"):
+    with pytest.raises(AssertionError, match=r"rmsnorm: expected .*1 / 2 values differ; the largest "
+                       r"difference at index \(1,\): expected 2, got 2\.5$"):
         expect(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]), "rmsnorm")
+    # where a tensor differs, by index in each dimension, with both values there (a learner's
+    # repeat() for repeat_interleave differed first at [1, 2, 3] of [2, 3, 4]; the first values agreed)
+    want = torch.arange(24.0).reshape(2, 3, 4)
+    got = want.clone()
+    got[1, 2, 3], got[0, 0, 1] = 25.5, 1.001
+    with pytest.raises(AssertionError, match=r"2 / 24 values differ; the largest difference at index "
+                       r"\(1, 2, 3\): expected 23, got 25\.5$"):
+        expect(got, want, "attention", atol=1e-5, rtol=0)
     with pytest.raises(AssertionError, match=r"expected shape \(2,\), got \(3,\)"):
         expect(torch.zeros(3), torch.zeros(2), "logits")
     # a tensor against a hand-written list is compared as tensors; a list where a tensor belongs
