@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "torch")
@@ -209,9 +210,7 @@ class Config:
         check_model_dir(self.model)
         check_settings(self)
         self.device = pick_device(self.device)
-        if self.hf_config is None:
-            from transformers import AutoConfig
-
+        if self.hf_config is None:  # a caller may pass the model's config; keep it
             self.hf_config = AutoConfig.from_pretrained(self.model)
         self.dtype = pick_dtype(self.dtype, self.device, self.hf_config)
         check_tensor_parallel(self.tensor_parallel_size, self.hf_config)

@@ -197,6 +197,28 @@ def test_assign_counts_shared_hits_and_takes_fresh_blocks_clean():
     assert (bm.blocks[6].hash, bm.blocks[6].token_ids) == (-1, [])
 
 
+@pytest.mark.tasks("3.5")
+def test_a_fresh_block_drops_its_cache_entry_only_if_the_entry_names_it():
+    """Two prompts with the same first block, admitted before either was computed, each fill a
+    block with it: both blocks carry its hash, and the cache names the one hashed last (block 1).
+    When block 2, freed with its stale hash, is taken as a fresh block, the cache entry stays:
+    it names block 1. (Deleting it whatever it names lost block 1's prefix silently; a learner
+    trial's _assign did that and passed every other test.)"""
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    h = hashes_by_hand(SYSTEM)[0]
+    cache_by_hand(bm, SYSTEM[:4], [2])  # block 2 hashed first ...
+    cache_by_hand(bm, SYSTEM[:4], [1])  # ... then block 1: the cache names block 1
+    assert bm.hash_to_block_id == {h: 1} and bm.blocks[2].hash == h
+    seq = Sequence(list(range(20, 25)), block_size=BS)
+    bm._assign(seq, [], [2])
+    assert bm.hash_to_block_id == {h: 1}, (
+        f"_assign(seq, hits=[], fresh=[2]), block 2 free with the hash that the cache gives to "
+        f"block 1: the cache is {bm.hash_to_block_id}, expected {{{h}: 1}} (a fresh block's old "
+        f"entry goes only if it names that block)")
+    assert (bm.blocks[2].hash, bm.blocks[2].token_ids, bm.blocks[2].ref_count) == (-1, [], 1)
+    assert_sound(bm, [seq], "_assign(seq, hits=[], fresh=[2]) with a stale hash on block 2")
+
+
 @pytest.mark.tasks("3.6")
 def test_allocate_reuses_the_cached_prefix():
     bm = BlockManager(num_blocks=6, block_size=BS)

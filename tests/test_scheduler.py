@@ -309,6 +309,26 @@ def test_preempt_all_empties_running_newest_first_and_frees_every_block():
     assert [(s.block_table, s.num_scheduled_tokens) for s in seqs] == [([], 0)] * 3
 
 
+@pytest.mark.tasks("4.10")
+def test_preempt_all_frees_a_waiting_sequence_whose_admission_was_cut_short():
+    """An admission interrupted between taking a sequence's blocks and moving it to running (a
+    Ctrl-C inside schedule) leaves a waiting sequence that holds blocks and scheduled tokens;
+    preempt_all, which the engine's recovery calls, must free them too. (A learner trial's
+    preempt_all that only preempted the running passed every other test.)"""
+    sch = Scheduler(4, 64, BlockManager(8, 4))
+    (r,) = running(sch, [1, 2, 3])
+    w = Sequence(list(range(10, 19)), block_size=4)
+    sch.add(w)
+    sch.block_manager.allocate(w)  # what admission does before it moves w to running
+    w.num_scheduled_tokens = 9
+    assert len(w.block_table) == 3 and w in sch.waiting
+    sch.preempt_all()
+    assert (w.block_table, w.num_scheduled_tokens) == ([], 0), (
+        f"waiting sequence with 3 blocks and 9 scheduled tokens after preempt_all: table "
+        f"{w.block_table}, scheduled {w.num_scheduled_tokens}; expected ([], 0)")
+    assert sch.block_manager.num_free_blocks == 8 and ids(sch.waiting) == ids([r, w])
+
+
 @pytest.mark.tasks("4.9")
 def test_abort_anywhere_twice_frees_everything_and_keeps_a_finished_reason():
     sch = Scheduler(4, 64, BlockManager(8, 4))
