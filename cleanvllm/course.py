@@ -192,7 +192,7 @@ def expect(actual: object, expected: object, what: str, *, atol: float | None = 
         except AssertionError as e:
             a, x = actual.double().to(expected.device), expected.double()
             diff = (a - x).abs().nan_to_num(float("inf"))  # a NaN on one side is the worst
-            diff[a.isnan() & x.isnan()] = 0  # NaN where NaN is expected: equal
+            diff[(a == x) | (a.isnan() & x.isnan())] = 0  # equal infinities, NaN for NaN: no gap
             worst = torch.unravel_index(diff.flatten().argmax(), diff.shape)
             at = tuple(int(i) for i in worst)
             count = re.search(r"Mismatched elements: (\d+ / \d+)", str(e))
@@ -316,7 +316,8 @@ def _notebook_of(chapter: str) -> Path | None:
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise ValueError(f"chapter {chapter} has several notebooks in {Path.cwd()} ({names}); "
-                         f"say which to check: check_chapter({chapter!r}, {found[-1].name!r})")
+                         "say which to check: `from cleanvllm.course import check_chapter`, "
+                         f"then check_chapter({chapter!r}, {found[-1].name!r})")
     return found[0] if found else None
 
 
@@ -344,11 +345,12 @@ def exercise(name: str) -> Callable:
 
 
 def _notebook_path(notebook: str) -> Path:
-    """A chapter file: this kernel's own notebook when it is of the same chapter (a copy of the
-    chapter, renamed, exports itself), else as given, else in the kernel's folder, else the
-    reference in notebooks/."""
+    """A chapter file: for a bare name, this kernel's own notebook when it is of that chapter (a
+    renamed copy exports itself); else as given, else in the kernel's folder, else the reference
+    in notebooks/."""
     p, own = Path(notebook), _own_notebook()
-    if own is not None and own.name[:3] == p.name[:3] and re.match(r"\d\d_", p.name):
+    bare = p.parent == Path(".")  # "05_attention.ipynb", as the chapters' cells write it
+    if bare and own is not None and own.name[:3] == p.name[:3] and re.match(r"\d\d_", p.name):
         return own
     for candidate in (p, Path.cwd() / p.name, ROOT / "notebooks" / p.name):
         if candidate.exists():

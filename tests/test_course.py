@@ -33,6 +33,9 @@ def test_expect_names_what_was_compared_and_both_values():
     with pytest.raises(AssertionError, match=r"2 / 24 values differ; the largest difference at index "
                        r"\(1, 2, 3\): expected 23, got 25\.5$"):
         expect(got, want, "attention", atol=1e-5, rtol=0)
+    masked = torch.tensor([float("-inf"), 1.0, 2.0])  # equal infinities are not the difference
+    with pytest.raises(AssertionError, match=r"at index \(2,\): expected 2, got 3$"):
+        expect(torch.tensor([float("-inf"), 1.0, 3.0]), masked, "masked logits")
     with pytest.raises(AssertionError, match=r"expected shape \(2,\), got \(3,\)"):
         expect(torch.zeros(3), torch.zeros(2), "logits")
     # a tensor against a hand-written list is compared as tensors; a list where a tensor belongs
@@ -150,6 +153,7 @@ def test_check_rerun_with_nothing_saved_answers_at_once_and_reruns_after_a_save(
 
     monkeypatch.setattr(course.subprocess, "run", fake_run)
     monkeypatch.setattr(course, "_checked", {})
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)  # run from a Jupyter kernel too
     nb = tmp_path / "03_memory.ipynb"
     nb.write_text("{}")
     course.check_chapter("03", str(nb))
@@ -187,6 +191,10 @@ def test_check_and_export_use_the_kernels_own_notebook_and_never_guess(tmp_path,
     assert course._notebook_of("05") == tmp_path / "05_attention-Copy1.ipynb"
     # the chapter's last cell says export("05_attention.ipynb"): the copy exports itself
     assert course._notebook_path("05_attention.ipynb") == tmp_path / "05_attention-Copy1.ipynb"
+    # a path with a folder is used as given
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "05_attention.ipynb").write_text("{}")
+    assert course._notebook_path("ref/05_attention.ipynb") == (tmp_path / "ref" / "05_attention.ipynb")
     # another chapter's notebook is found as before, not replaced by this kernel's
     (tmp_path / "06_qwen3.ipynb").write_text("{}")
     assert course._notebook_of("06") == tmp_path / "06_qwen3.ipynb"

@@ -127,6 +127,25 @@ def test_exporting_one_notebook_leaves_the_others_alone(project):
     assert export.main(["--check"], root=project) == 1  # gamma was never written
 
 
+def test_a_renamed_copy_stands_in_for_its_chapter(project):
+    """A learner's copy (JupyterLab's Duplicate: 02_b-Copy1.ipynb, in another folder) exports in
+    place of the reference chapter with its number; before, a copy under another name was
+    silently ignored (nothing written, so check() tested the package, not the copy)."""
+    make_nb(project / "notebooks" / "02_b.ipynb", [("code", "#| default_exp gamma"),
+                                                   ("code", '#| export\n"""G."""\n\nZ = 1')])
+    export.main([], root=project)
+    copy = project / "workbook" / "02_b-Copy1.ipynb"
+    make_nb(copy, [("code", "#| default_exp gamma"), ("code", '#| export\n"""G."""\n\nZ = 2')])
+    assert export.main(["--check", str(copy)], root=project) == 1
+    export.main([str(copy)], root=project)
+    assert "Z = 2" in (project / "cleanvllm" / "gamma.py").read_text()
+    assert "Z = 1" not in (project / "cleanvllm" / "gamma.py").read_text()
+    stray = project / "workbook" / "notes.ipynb"
+    make_nb(stray, [("code", "#| default_exp gamma")])
+    with pytest.raises(SystemExit, match="not a chapter notebook"):
+        export.main([str(stray)], root=project)
+
+
 @pytest.mark.parametrize("cells, message", [
     ([("code", "#| export\nZ = 1")], "without a module"),
     ([("code", "#| default_exp a"), ("code", "#| export\nZ = 1")], "must start with the module docstring"),

@@ -187,9 +187,12 @@ def module_path(name: str, pkg: Path) -> Path:
 def export(root: Path = ROOT, only: list[Path] | None = None) -> dict[Path, str]:
     """Build {module path: text} for every notebook under root/notebooks (or only these)."""
     pkg, owners, files = root / "cleanvllm", {}, {}
-    stand_ins = {p.name: p for p in only or [] if p.parent != (root / "notebooks").resolve()}
+    # a notebook from elsewhere (workbook, a renamed copy) stands in for the chapter of its number
+    stand_ins = {p.name[:3]: p for p in only or [] if p.parent != (root / "notebooks").resolve()}
+    if unknown := [str(p) for k, p in stand_ins.items() if not any((root / "notebooks").glob(k + "*"))]:
+        raise SystemExit(f"not a chapter notebook (named NN_...): {', '.join(unknown)}")
     for ref in sorted((root / "notebooks").glob("*.ipynb")):
-        nb = stand_ins.get(ref.name, ref)
+        nb = stand_ins.get(ref.name[:3], ref)
         nb_rel = _rel(nb, root)
         modules = parse_notebook(nb)
         siblings = sibling_imports(modules)
