@@ -139,7 +139,10 @@ def launch_on_free_port(model: str, log_dir, *args: str, timeout: float = 120):
         try:
             wait_ready(url, proc, timeout=timeout)
             return proc, url, log
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:  # exited early, or never answered
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             log.seek(0)
             text = log.read()
             log.close()
