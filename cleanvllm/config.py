@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "torch")
@@ -206,6 +205,9 @@ class Config:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        # imported here: transformers is slow to import, and every module imports this one
+        from transformers import AutoConfig
+
         self.model = str(self.model)
         check_model_dir(self.model)
         check_settings(self)
